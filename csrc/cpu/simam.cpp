@@ -1,0 +1,317 @@
+// SimAM on CPU tensors (spec/simam.md): forward and backward, parallel over planes (planar
+// layout) or over (sample, channel tile) (channels-last layout), vectorised by the compiler with
+// fixed-width lane accumulators (the same bits on every run and thread count), built for AVX-512,
+// AVX2 and baseline x86-64 and picked at load time (target_clones).
+//
+// Traffic: statistics are merged chunk by chunk (Chan et al.) from chunks that sit in L1, and the
+// output pass re-reads the plane (or channel tile) while it is still in L2, so x comes from
+// memory once when the plane fits in cache and twice otherwise. Backward: one pass for the two
+// plane sums, one for dx (x and g read once from memory while the plane fits in cache).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "layout.h"
+#include "simam_check.h"
+#include "simam_math.h"
+
+namespace fusedattn {
+namespace {
+
+using namespace simam;
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+constexpr int kLanes = 16;             // accumulator lanes of the planar reductions
+constexpr int64_t kChunk = 4096;       // elements per statistics chunk (planar)
+constexpr int64_t kChunkRows = 256;    // rows per statistics chunk (channels-last)
+constexpr int64_t kTaskElems = 1 << 15;  // smallest amount of work handed to one thread
+
+template <typename T>
+constexpr int tile_channels() { return 64 / int(sizeof(T)); }  // one cache line of channels
+
+#define FA_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------- planar: plane (n,c) is x[0, M)
+
+template <typename T, typename A, typename F>
+FA_INLINE A lane_sum(const T* x, int64_t n, F f) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(A(x[i + l]));
+  A s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; i < n; ++i) s += f(A(x[i]));
+  return s;
+}
+
+template <typename T, typename A>
+FA_INLINE void planar_stats(const T* x, int64_t M, A& mean, A& m2) {
+  A count = 0;
+  mean = 0;
+  m2 = 0;
+  for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, M - c0);
+    const A cmean = lane_sum<T, A>(x + c0, len, [](A v) { return v; }) / A(len);
+    const A cm2 = lane_sum<T, A>(x + c0, len, [cmean](A v) { A d = v - cmean; return d * d; });
+    chan_merge(mean, m2, count, cmean, cm2, A(len));
+  }
+}
+
+template <typename T>
+FA_INLINE void fwd_planar_impl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,
+                               acc_t<T> lam, int64_t p0, int64_t p1) {
+  using A = acc_t<T>;
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* xp = x + p * M;
+    T* yp = y + p * M;
+    A mean, m2;
+    planar_stats<T, A>(xp, M, mean, m2);
+    const A iv = inv_from_m2(m2, M, lam);
+    for (int64_t i = 0; i < M; ++i) {
+      const A v = A(xp[i]);
+      yp[i] = T(forward(v, v - mean, iv));
+    }
+    mu[p] = mean;
+    inv[p] = iv;
+  }
+}
+
+template <typename T>
+FA_INLINE void bwd_planar_impl(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,
+                               T* dx, int64_t M, int64_t p0, int64_t p1) {
+  using A = acc_t<T>;
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* xp = x + p * M;
+    const T* gp = g + p * M;
+    T* dp = dx + p * M;
+    const A mean = mu[p], iv = inv[p];
+    A s1[kLanes] = {}, s2[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= M; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const A v = A(xp[i + l]), d = v - mean;
+        A s;
+        const A a = grad_a(v, A(gp[i + l]), d, iv, s);
+        s1[l] += a * d;
+        s2[l] += a * d * d;
+      }
+    A S1 = 0, S2 = 0;
+    for (int l = 0; l < kLanes; ++l) { S1 += s1[l]; S2 += s2[l]; }
+    for (; i < M; ++i) {
+      const A v = A(xp[i]), d = v - mean;
+      A s;
+      const A a = grad_a(v, A(gp[i]), d, iv, s);
+      S1 += a * d;
+      S2 += a * d * d;
+    }
+    const A k1 = S1 / A(M), k2 = grad_k2(S2, iv, M);
+    for (int64_t j = 0; j < M; ++j) {
+      const A v = A(xp[j]), d = v - mean, gv = A(gp[j]);
+      A s;
+      const A a = grad_a(v, gv, d, iv, s);
+      dp[j] = T(grad_x(gv, s, a, d, iv, k1, k2));
+    }
+  }
+}
+
+// ------------------------------------------------- channels-last: element (n,c,m) at n M C + m C + c
+// A task is one (n, tile of W channels); W is a compile-time constant for full tiles (vectorised)
+// and 0 for the last, narrower tile (width w at run time).
+
+template <typename T, int W>
+FA_INLINE void fwd_cl_tile(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
+                           acc_t<T> lam, int w_rt) {
+  using A = acc_t<T>;
+  constexpr int TW = tile_channels<T>();
+  const int w = W ? W : w_rt;
+  A mean[TW] = {}, m2[TW] = {};
+  A count = 0;
+  for (int64_t r0 = 0; r0 < M; r0 += kChunkRows) {
+    const int64_t len = std::min(kChunkRows, M - r0);
+    A cm[TW] = {}, c2[TW] = {};
+    for (int64_t r = r0; r < r0 + len; ++r)
+      for (int l = 0; l < w; ++l) cm[l] += A(x[r * C + l]);
+    for (int l = 0; l < w; ++l) cm[l] /= A(len);
+    for (int64_t r = r0; r < r0 + len; ++r)
+      for (int l = 0; l < w; ++l) { const A d = A(x[r * C + l]) - cm[l]; c2[l] += d * d; }
+    for (int l = 0; l < w; ++l) { A c = count; chan_merge(mean[l], m2[l], c, cm[l], c2[l], A(len)); }
+    count += A(len);
+  }
+  A iv[TW];
+  for (int l = 0; l < w; ++l) iv[l] = inv_from_m2(m2[l], M, lam);
+  for (int64_t r = 0; r < M; ++r)
+    for (int l = 0; l < w; ++l) {
+      const A v = A(x[r * C + l]);
+      y[r * C + l] = T(forward(v, v - mean[l], iv[l]));
+    }
+  for (int l = 0; l < w; ++l) { mu[l] = mean[l]; inv[l] = iv[l]; }
+}
+
+template <typename T, int W>
+FA_INLINE void bwd_cl_tile(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,
+                           T* dx, int64_t M, int64_t C, int w_rt) {
+  using A = acc_t<T>;
+  constexpr int TW = tile_channels<T>();
+  const int w = W ? W : w_rt;
+  A mean[TW], iv[TW], S1[TW] = {}, S2[TW] = {};
+  for (int l = 0; l < w; ++l) { mean[l] = mu[l]; iv[l] = inv[l]; }
+  for (int64_t r = 0; r < M; ++r)
+    for (int l = 0; l < w; ++l) {
+      const A v = A(x[r * C + l]), d = v - mean[l];
+      A s;
+      const A a = grad_a(v, A(g[r * C + l]), d, iv[l], s);
+      S1[l] += a * d;
+      S2[l] += a * d * d;
+    }
+  A k1[TW], k2[TW];
+  for (int l = 0; l < w; ++l) { k1[l] = S1[l] / A(M); k2[l] = grad_k2(S2[l], iv[l], M); }
+  for (int64_t r = 0; r < M; ++r)
+    for (int l = 0; l < w; ++l) {
+      const A v = A(x[r * C + l]), d = v - mean[l], gv = A(g[r * C + l]);
+      A s;
+      const A a = grad_a(v, gv, d, iv[l], s);
+      dx[r * C + l] = T(grad_x(gv, s, a, d, iv[l], k1[l], k2[l]));
+    }
+}
+
+// Tasks [t0, t1) of the channels-last layout: task t is sample t / tiles, tile t % tiles.
+template <typename T>
+FA_INLINE void fwd_cl_impl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
+                           acc_t<T> lam, int64_t t0, int64_t t1) {
+  constexpr int TW = tile_channels<T>();
+  const int64_t tiles = (C + TW - 1) / TW;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / tiles, c0 = (t % tiles) * TW;
+    const int64_t off = n * M * C + c0, soff = n * C + c0;
+    const int w = int(std::min<int64_t>(TW, C - c0));
+    if (w == TW) fwd_cl_tile<T, TW>(x + off, y + off, mu + soff, inv + soff, M, C, lam, w);
+    else fwd_cl_tile<T, 0>(x + off, y + off, mu + soff, inv + soff, M, C, lam, w);
+  }
+}
+
+template <typename T>
+FA_INLINE void bwd_cl_impl(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,
+                           T* dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {
+  constexpr int TW = tile_channels<T>();
+  const int64_t tiles = (C + TW - 1) / TW;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / tiles, c0 = (t % tiles) * TW;
+    const int64_t off = n * M * C + c0, soff = n * C + c0;
+    const int w = int(std::min<int64_t>(TW, C - c0));
+    if (w == TW) bwd_cl_tile<T, TW>(g + off, x + off, mu + soff, inv + soff, dx + off, M, C, w);
+    else bwd_cl_tile<T, 0>(g + off, x + off, mu + soff, inv + soff, dx + off, M, C, w);
+  }
+}
+
+// One out-of-line, multi-versioned entry point per dtype and kernel.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FA_CLONES
+#endif
+
+#define FA_KERNELS(T)                                                                          \
+  FA_CLONES void fwd_planar(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,         \
+                            acc_t<T> lam, int64_t p0, int64_t p1) {                           \
+    fwd_planar_impl<T>(x, y, mu, inv, M, lam, p0, p1);                                        \
+  }                                                                                            \
+  FA_CLONES void bwd_planar(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,  \
+                            T* dx, int64_t M, int64_t p0, int64_t p1) {                       \
+    bwd_planar_impl<T>(g, x, mu, inv, dx, M, p0, p1);                                         \
+  }                                                                                            \
+  FA_CLONES void fwd_cl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,  \
+                        acc_t<T> lam, int64_t t0, int64_t t1) {                               \
+    fwd_cl_impl<T>(x, y, mu, inv, M, C, lam, t0, t1);                                         \
+  }                                                                                            \
+  FA_CLONES void bwd_cl(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,      \
+                        T* dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {                \
+    bwd_cl_impl<T>(g, x, mu, inv, dx, M, C, t0, t1);                                          \
+  }
+
+FA_KERNELS(float)
+FA_KERNELS(double)
+FA_KERNELS(at::Half)
+FA_KERNELS(at::BFloat16)
+
+// Work split: planar tasks are planes; channels-last tasks are (sample, channel tile).
+struct Tasks {
+  int64_t count, grain;
+};
+
+template <typename T>
+Tasks tasks_for(Layout layout, int64_t N, int64_t C, int64_t M) {
+  const int64_t per_task = layout == Layout::kPlanar ? M : M * tile_channels<T>();
+  const int64_t count = layout == Layout::kPlanar
+                            ? N * C
+                            : N * ((C + tile_channels<T>() - 1) / tile_channels<T>());
+  return {count, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(per_task, 1))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simam_forward_cpu(const at::Tensor& x_in,
+                                                                 double e_lambda) {
+  check_simam_input(x_in, e_lambda);
+  const at::Tensor x = readable(x_in);
+  const int64_t N = x.size(0), C = x.size(1), M = plane_size(x);
+  at::Tensor y = at::empty_like(x);
+  const auto stat_opts = x.options().dtype(stat_dtype(x.scalar_type()));
+  at::Tensor mu = at::zeros({N, C}, stat_opts), inv = at::zeros({N, C}, stat_opts);
+  if (x.numel() == 0) return {y, mu, inv};
+  const Layout layout = layout_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "simam_forward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    A* mup = mu.mutable_data_ptr<A>();
+    A* ivp = inv.mutable_data_ptr<A>();
+    const A lam = A(e_lambda);
+    const Tasks t = tasks_for<scalar_t>(layout, N, C, M);
+    at::parallel_for(0, t.count, t.grain, [&](int64_t b, int64_t e) {
+      if (layout == Layout::kPlanar) fwd_planar(xp, yp, mup, ivp, M, lam, b, e);
+      else fwd_cl(xp, yp, mup, ivp, M, C, lam, b, e);
+    });
+  });
+  return {y, mu, inv};
+}
+
+at::Tensor simam_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& mu_in,
+                              const at::Tensor& inv_in) {
+  check_simam_backward(grad, x_in, mu_in, inv_in);
+  const at::Tensor x = readable(x_in);
+  const at::Tensor g = in_layout_of(grad, x);
+  const at::Tensor mu = mu_in.contiguous(), inv = inv_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), M = plane_size(x);
+  at::Tensor dx = at::empty_like(x);
+  if (x.numel() == 0) return dx;
+  const Layout layout = layout_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "simam_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    const A* mup = mu.const_data_ptr<A>();
+    const A* ivp = inv.const_data_ptr<A>();
+    const Tasks t = tasks_for<scalar_t>(layout, N, C, M);
+    at::parallel_for(0, t.count, t.grain, [&](int64_t b, int64_t e) {
+      if (layout == Layout::kPlanar) bwd_planar(gp, xp, mup, ivp, dp, M, b, e);
+      else bwd_cl(gp, xp, mup, ivp, dp, M, C, b, e);
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
+  m.impl("simam_forward", &simam_forward_cpu);
+  m.impl("simam_backward", &simam_backward_cpu);
+}
+
+}  // namespace fusedattn

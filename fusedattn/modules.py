@@ -1,0 +1,22 @@
+"""nn.Modules over the fused ops (same constructors and state_dicts as ``fusedattn.reference``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import simam
+
+
+class SimAM(nn.Module):
+    """Fused SimAM (spec/simam.md). No parameters; ``channels`` is accepted and ignored
+    (YOLO-style parsers pass it), so its state_dict is empty like ``nn.Identity``'s."""
+
+    def __init__(self, channels: int | None = None, e_lambda: float = 1e-4):
+        super().__init__()
+        self.e_lambda = e_lambda
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return simam(x, self.e_lambda)
+
+    def extra_repr(self) -> str:
+        return f"e_lambda={self.e_lambda}"

@@ -1,0 +1,246 @@
+"""SimAM in Triton (spec/simam.md).
+
+A program owns a tile of ``BLOCK_P`` planes of one sample (consecutive channels) by ``BLOCK_M``
+plane elements; element ``m`` of plane ``(n, c)`` lies at ``n*s_n + c*s_c + m*s_m`` (planar:
+``s_c = M, s_m = 1``; channels-last: ``s_c = 1, s_m = C``), so both layouts are read in place and
+the stride-1 axis is the tile's contiguous one.
+
+Forward: ``mu = mean(x)``, ``inv = 1/(4 (sum((x-mu)^2)/max(M-1,1) + lambda))``,
+``y = x sigmoid((x-mu)^2 inv + 1/2)``.
+Backward: ``s = sigmoid(e)``, ``a = g x s (1-s)``, ``S1 = sum(a d)``, ``S2 = sum(a d^2)``,
+``dx = g s + 2 inv (a d - S1/M) - 8 inv^2 d S2 / n``.
+
+``ONCHIP`` variants hold the whole plane in registers (forward reads x once; backward reads x and
+g once). Looped variants stream the plane in ``BLOCK_M`` chunks: statistics merged chunk by chunk
+(Chan et al.) and then the output pass (forward reads x twice; backward x and g twice). Math in
+fp32 (fp64 for fp64 inputs); no atomics, so results are bitwise deterministic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest tile (elements) a program keeps in registers: 16 warps x 32 lanes x 32 values.
+ONCHIP_MAX_ELEMS = 16384
+LOOP_BLOCK_ELEMS = 4096
+
+
+@triton.jit
+def _plane_tile(pid, C, M, s_n, s_c, s_m, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row offsets (int64, [BLOCK_P, 1]), column offsets (int64, [1, BLOCK_M]), masks and the
+    plane index of the tile's planes."""
+    tiles_c = tl.cdiv(C, BLOCK_P)
+    n = pid // tiles_c
+    c = (pid % tiles_c) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = c < C
+    base = n.to(tl.int64) * s_n + c.to(tl.int64) * s_c
+    m = tl.arange(0, BLOCK_M)
+    return base[:, None], m, cmask, n.to(tl.int64) * C + c
+
+
+@triton.jit
+def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_m, dof,
+                      BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ONCHIP: tl.constexpr,
+                      ACC: tl.constexpr):
+    base, m, cmask, plane = _plane_tile(tl.program_id(0), C, M, s_n, s_c, s_m, BLOCK_P, BLOCK_M)
+    lam = tl.load(lam_ptr).to(ACC)
+    if ONCHIP:
+        mask = cmask[:, None] & (m < M)[None, :]
+        off = base + m[None, :].to(tl.int64) * s_m
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=1) / M
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        m2 = tl.sum(d * d, axis=1)
+    else:
+        mean = tl.zeros([BLOCK_P], ACC)
+        m2 = tl.zeros([BLOCK_P], ACC)
+        count = tl.zeros([BLOCK_P], ACC)
+        for m0 in range(0, M, BLOCK_M):
+            mm = m0 + m
+            mask = cmask[:, None] & (mm < M)[None, :]
+            off = base + mm[None, :].to(tl.int64) * s_m
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+            cnt = tl.sum((mm < M).to(ACC), axis=0)
+            cmean = tl.sum(x, axis=1) / cnt
+            d = tl.where(mask, x - cmean[:, None], 0.0)
+            cm2 = tl.sum(d * d, axis=1)
+            w = cnt / (count + cnt)
+            delta = cmean - mean
+            mean = mean + delta * w
+            m2 = m2 + cm2 + delta * delta * count * w
+            count += cnt
+    inv = 1.0 / (4.0 * (m2 / dof + lam))
+    if ONCHIP:
+        d = x - mean[:, None]
+        s = 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+        tl.store(y_ptr + off, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            mm = m0 + m
+            mask = cmask[:, None] & (mm < M)[None, :]
+            off = base + mm[None, :].to(tl.int64) * s_m
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+            d = x - mean[:, None]
+            s = 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+            tl.store(y_ptr + off, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mu_ptr + plane, mean, mask=cmask)
+    tl.store(inv_ptr + plane, inv, mask=cmask)
+
+
+@triton.jit
+def _simam_bwd_terms(x, g, mean, inv):
+    d = x - mean[:, None]
+    s = 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+    a = g * x * s * (1.0 - s)
+    return d, s, a
+
+
+@triton.jit
+def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m, dof,
+                      BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ONCHIP: tl.constexpr,
+                      ACC: tl.constexpr):
+    base, m, cmask, plane = _plane_tile(tl.program_id(0), C, M, s_n, s_c, s_m, BLOCK_P, BLOCK_M)
+    mean = tl.load(mu_ptr + plane, mask=cmask, other=0.0).to(ACC)
+    inv = tl.load(inv_ptr + plane, mask=cmask, other=0.0).to(ACC)
+    if ONCHIP:
+        mask = cmask[:, None] & (m < M)[None, :]
+        off = base + m[None, :].to(tl.int64) * s_m
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
+        d, s, a = _simam_bwd_terms(x, g, mean, inv)
+        ad = tl.where(mask, a * d, 0.0)
+        S1 = tl.sum(ad, axis=1)
+        S2 = tl.sum(ad * d, axis=1)
+    else:
+        S1 = tl.zeros([BLOCK_P], ACC)
+        S2 = tl.zeros([BLOCK_P], ACC)
+        for m0 in range(0, M, BLOCK_M):
+            mm = m0 + m
+            mask = cmask[:, None] & (mm < M)[None, :]
+            off = base + mm[None, :].to(tl.int64) * s_m
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+            g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
+            d, s, a = _simam_bwd_terms(x, g, mean, inv)
+            ad = tl.where(mask, a * d, 0.0)
+            S1 += tl.sum(ad, axis=1)
+            S2 += tl.sum(ad * d, axis=1)
+    k1 = (S1 / M)[:, None]
+    k2 = (8.0 * inv * inv * S2 / dof)[:, None]
+    inv2 = 2.0 * inv[:, None]
+    if ONCHIP:
+        dx = g * s + inv2 * (a * d - k1) - k2 * d
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            mm = m0 + m
+            mask = cmask[:, None] & (mm < M)[None, :]
+            off = base + mm[None, :].to(tl.int64) * s_m
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+            g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
+            d, s, a = _simam_bwd_terms(x, g, mean, inv)
+            dx = g * s + inv2 * (a * d - k1) - k2 * d
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch specialisation: tile shape, on-chip or looped, warps."""
+    block_p: int
+    block_m: int
+    onchip: bool
+    num_warps: int
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def config(C: int, M: int, channels_last: bool, elem_bytes: int) -> Config:
+    """The launcher's choice for a (C, M) plane set. Planar: one plane per program (several for
+    planes under 512 elements). Channels-last: enough channels per program for 32-byte rows."""
+    if channels_last:
+        block_p = min(_pow2(C), max(1, 32 // elem_bytes))
+    else:
+        block_p = min(_pow2(C), max(1, 512 // _pow2(M)))
+    onchip = block_p * _pow2(M) <= ONCHIP_MAX_ELEMS
+    block_m = _pow2(M) if onchip else max(16, LOOP_BLOCK_ELEMS // block_p)
+    tile = block_p * block_m
+    num_warps = max(1, min(16, tile // 1024 if onchip else 4))
+    return Config(block_p, block_m, onchip, num_warps)
+
+
+def specializations() -> list[Config]:
+    """Every Config the launcher can pick (for ahead-of-time compilation checks)."""
+    seen = []
+    for cl in (False, True):
+        for eb in (2, 4, 8):
+            for C in (1, 2, 3, 8, 64, 4096):
+                for k in range(0, 25):
+                    cfg = config(C, 1 << k, cl, eb)
+                    if cfg not in seen:
+                        seen.append(cfg)
+    return seen
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_scalars: dict = {}
+
+
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached one-element tensor (Triton passes Python floats as fp32; lambda must reach fp64
+    kernels in full precision)."""
+    key = (value, dtype, device)
+    if key not in _scalars:
+        _scalars[key] = torch.full((1,), value, dtype=dtype, device=device)
+    return _scalars[key]
+
+
+def _geometry(x: torch.Tensor):
+    """(N, C, M, s_n, s_c, s_m, channels_last) of a tensor in a readable layout."""
+    N, C = x.shape[:2]
+    M = x[0, 0].numel() if x.numel() else 0
+    channels_last = not x.is_contiguous()
+    if channels_last:
+        return N, C, M, M * C, 1, C, True
+    return N, C, M, C * M, M, 1, False
+
+
+def forward(x: torch.Tensor, e_lambda: float):
+    """(y, mu, inv) for ``x`` in a readable layout (see fusedattn.ops.layout)."""
+    N, C, M, s_n, s_c, s_m, cl = _geometry(x)
+    y = torch.empty_like(x)
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mu = torch.zeros((N, C), dtype=stat, device=x.device)
+    inv = torch.zeros((N, C), dtype=stat, device=x.device)
+    if x.numel() == 0:
+        return y, mu, inv
+    cfg = config(C, M, cl, x.element_size())
+    grid = (N * triton.cdiv(C, cfg.block_p),)
+    lam = _scalar(float(e_lambda), stat, x.device)
+    _simam_fwd_kernel[grid](x, y, mu, inv, lam, C, M, s_n, s_c, s_m, max(M - 1, 1),
+                            BLOCK_P=cfg.block_p, BLOCK_M=cfg.block_m, ONCHIP=cfg.onchip,
+                            ACC=_acc(x.dtype), num_warps=cfg.num_warps)
+    return y, mu, inv
+
+
+def backward(g: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, inv: torch.Tensor):
+    """dx for ``x`` in a readable layout and ``g`` in exactly x's strides."""
+    N, C, M, s_n, s_c, s_m, cl = _geometry(x)
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx
+    cfg = config(C, M, cl, x.element_size())
+    grid = (N * triton.cdiv(C, cfg.block_p),)
+    _simam_bwd_kernel[grid](g, x, mu.contiguous(), inv.contiguous(), dx, C, M, s_n, s_c, s_m,
+                            max(M - 1, 1), BLOCK_P=cfg.block_p, BLOCK_M=cfg.block_m,
+                            ONCHIP=cfg.onchip, ACC=_acc(x.dtype), num_warps=cfg.num_warps)
+    return dx
