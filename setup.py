@@ -40,7 +40,7 @@ def _nvidia_include_dirs() -> list[str]:
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     include_dirs = [str(ROOT / "csrc")]
     if _want_cuda() and cu:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

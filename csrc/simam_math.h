@@ -4,7 +4,7 @@
 // Forward, per plane of M elements:  mu = mean(x), d = x - mu, v = sum(d^2) / max(M-1, 1),
 //   inv = 1 / (4 (v + lambda)),  e = d^2 inv + 1/2,  y = x sigmoid(e).
 // Backward, with s = sigmoid(e), a = g x s (1 - s), S1 = sum(a d), S2 = sum(a d^2):
-//   dx = g s + 2 inv (a d - S1/M) - 8 inv^2 d S2 / n.
+//   dx = g s + 2 inv (a d - S1/M) - 8 inv^2 d S2 / n   (evaluated as grad_partial, grad_finish).
 // A is the accumulation type: float for half/bfloat16/float inputs, double for double.
 #pragma once
 
@@ -80,18 +80,24 @@ FA_HD void chan_merge(A& mean, A& m2, A& count, A cmean, A cm2, A ccount) {
   count = total;
 }
 
-// Backward, first pass per element: s and a; returns a (and s through the reference).
+// Backward per element: a = g x s (1 - s), with s returned through the reference.
 template <typename A>
 FA_HD A grad_a(A x, A g, A d, A inv, A& s) {
   s = sigmoid(d * d * inv + A(0.5));
   return g * x * s * (A(1) - s);
 }
 
-// Backward, second pass per element. k1 = S1 / M, k2 = 8 inv^2 S2 / n.
+// dx = p - c0 - k2 d, split so that the first pass can store p = g s + 2 inv a d (which needs
+// the sigmoid) and the second pass finishes with the plane constants c0 = 2 inv S1 / M and
+// k2 = 8 inv^2 S2 / n.
 template <typename A>
-FA_HD A grad_x(A g, A s, A a, A d, A inv, A k1, A k2) {
-  return g * s + A(2) * inv * (a * d - k1) - k2 * d;
-}
+FA_HD A grad_partial(A g, A s, A ad, A inv) { return g * s + A(2) * inv * ad; }
+
+template <typename A>
+FA_HD A grad_finish(A p, A d, A c0, A k2) { return p - c0 - k2 * d; }
+
+template <typename A>
+FA_HD A grad_c0(A S1, A inv, int64_t M) { return A(2) * inv * S1 / A(M); }
 
 template <typename A>
 FA_HD A grad_k2(A S2, A inv, int64_t M) { return A(8) * inv * inv * S2 / dof<A>(M); }

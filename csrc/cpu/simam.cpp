@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "layout.h"
 #include "simam_check.h"
@@ -33,27 +34,37 @@ constexpr int64_t kChunk = 4096;       // elements per statistics chunk (planar)
 constexpr int64_t kChunkRows = 256;    // rows per statistics chunk (channels-last)
 constexpr int64_t kTaskElems = 1 << 15;  // smallest amount of work handed to one thread
 
+#ifndef FA_TILE_BYTES
+#define FA_TILE_BYTES 64
+#endif
 template <typename T>
-constexpr int tile_channels() { return 64 / int(sizeof(T)); }  // one cache line of channels
+constexpr int tile_channels() { return FA_TILE_BYTES / int(sizeof(T)); }  // one cache line of channels
 
 #define FA_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------- planar: plane (n,c) is x[0, M)
 
+// Sum of the lanes by halving (fixed order, log2 depth).
+template <typename A>
+FA_INLINE A tree_sum(A* acc) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
 template <typename T, typename A, typename F>
-FA_INLINE A lane_sum(const T* x, int64_t n, F f) {
+FA_INLINE A lane_sum(const T* __restrict__ x, int64_t n, F f) {
   A acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) acc[l] += f(A(x[i + l]));
-  A s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  A s = tree_sum(acc);
   for (; i < n; ++i) s += f(A(x[i]));
   return s;
 }
 
 template <typename T, typename A>
-FA_INLINE void planar_stats(const T* x, int64_t M, A& mean, A& m2) {
+FA_INLINE void planar_stats(const T* __restrict__ x, int64_t M, A& mean, A& m2) {
   A count = 0;
   mean = 0;
   m2 = 0;
@@ -66,7 +77,7 @@ FA_INLINE void planar_stats(const T* x, int64_t M, A& mean, A& m2) {
 }
 
 template <typename T>
-FA_INLINE void fwd_planar_impl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,
+FA_INLINE void fwd_planar_impl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,
                                acc_t<T> lam, int64_t p0, int64_t p1) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
@@ -84,9 +95,37 @@ FA_INLINE void fwd_planar_impl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, in
   }
 }
 
+// Backward keeps p = g s + 2 inv a d from the first pass in dx itself when T is the accumulation
+// type (so the second pass needs no sigmoid); half types recompute it in the second pass.
 template <typename T>
-FA_INLINE void bwd_planar_impl(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,
-                               T* dx, int64_t M, int64_t p0, int64_t p1) {
+constexpr bool kPartialInDx = std::is_same_v<T, acc_t<T>>;
+
+// First-pass terms of one element: adds a d and a d^2 to the sums, returns p.
+template <typename A>
+FA_INLINE A bwd_first(A v, A gv, A mean, A iv, A& s1, A& s2) {
+  const A d = v - mean;
+  A s;
+  const A ad = grad_a(v, gv, d, iv, s) * d;
+  s1 += ad;
+  s2 += ad * d;
+  return grad_partial(gv, s, ad, iv);
+}
+
+// Second-pass dx of one element; `p` is the stored partial (ignored when recomputed).
+template <typename T, typename A>
+FA_INLINE T bwd_second(T p, T xv, T gv, A mean, A iv, A c0, A k2) {
+  const A v = A(xv), d = v - mean;
+  if constexpr (kPartialInDx<T>) {
+    return T(grad_finish(A(p), d, c0, k2));
+  } else {
+    A s1 = 0, s2 = 0;
+    return T(grad_finish(bwd_first(v, A(gv), mean, iv, s1, s2), d, c0, k2));
+  }
+}
+
+template <typename T>
+FA_INLINE void bwd_planar_impl(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,
+                               T* __restrict__ dx, int64_t M, int64_t p0, int64_t p1) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = x + p * M;
@@ -97,28 +136,16 @@ FA_INLINE void bwd_planar_impl(const T* g, const T* x, const acc_t<T>* mu, const
     int64_t i = 0;
     for (; i + kLanes <= M; i += kLanes)
       for (int l = 0; l < kLanes; ++l) {
-        const A v = A(xp[i + l]), d = v - mean;
-        A s;
-        const A a = grad_a(v, A(gp[i + l]), d, iv, s);
-        s1[l] += a * d;
-        s2[l] += a * d * d;
+        const A part = bwd_first(A(xp[i + l]), A(gp[i + l]), mean, iv, s1[l], s2[l]);
+        if constexpr (kPartialInDx<T>) dp[i + l] = part;
       }
-    A S1 = 0, S2 = 0;
-    for (int l = 0; l < kLanes; ++l) { S1 += s1[l]; S2 += s2[l]; }
+    A S1 = tree_sum(s1), S2 = tree_sum(s2);
     for (; i < M; ++i) {
-      const A v = A(xp[i]), d = v - mean;
-      A s;
-      const A a = grad_a(v, A(gp[i]), d, iv, s);
-      S1 += a * d;
-      S2 += a * d * d;
+      const A part = bwd_first(A(xp[i]), A(gp[i]), mean, iv, S1, S2);
+      if constexpr (kPartialInDx<T>) dp[i] = part;
     }
-    const A k1 = S1 / A(M), k2 = grad_k2(S2, iv, M);
-    for (int64_t j = 0; j < M; ++j) {
-      const A v = A(xp[j]), d = v - mean, gv = A(gp[j]);
-      A s;
-      const A a = grad_a(v, gv, d, iv, s);
-      dp[j] = T(grad_x(gv, s, a, d, iv, k1, k2));
-    }
+    const A c0 = grad_c0(S1, iv, M), k2 = grad_k2(S2, iv, M);
+    for (int64_t j = 0; j < M; ++j) dp[j] = bwd_second(dp[j], xp[j], gp[j], mean, iv, c0, k2);
   }
 }
 
@@ -126,8 +153,27 @@ FA_INLINE void bwd_planar_impl(const T* g, const T* x, const acc_t<T>* mu, const
 // A task is one (n, tile of W channels); W is a compile-time constant for full tiles (vectorised)
 // and 0 for the last, narrower tile (width w at run time).
 
+// out[l] = sum over rows r < R of f(x[r C + l], l), with kRowAcc independent accumulators per
+// lane (rows r, r + kRowAcc, ...) combined in a fixed order.
+constexpr int kRowAcc = 4;
+template <typename T, int W, typename F>
+FA_INLINE void rows_sum(const T* __restrict__ x, int64_t R, int64_t C, int w_rt,
+                        acc_t<T>* out, F f) {
+  using A = acc_t<T>;
+  constexpr int TW = tile_channels<T>();
+  const int w = W ? W : w_rt;
+  A acc[kRowAcc][TW] = {};
+  int64_t r = 0;
+  for (; r + kRowAcc <= R; r += kRowAcc)
+    for (int k = 0; k < kRowAcc; ++k)
+      for (int l = 0; l < w; ++l) acc[k][l] += f(A(x[(r + k) * C + l]), l);
+  for (; r < R; ++r)
+    for (int l = 0; l < w; ++l) acc[0][l] += f(A(x[r * C + l]), l);
+  for (int l = 0; l < w; ++l) out[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+}
+
 template <typename T, int W>
-FA_INLINE void fwd_cl_tile(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
+FA_INLINE void fwd_cl_tile(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
                            acc_t<T> lam, int w_rt) {
   using A = acc_t<T>;
   constexpr int TW = tile_channels<T>();
@@ -136,12 +182,10 @@ FA_INLINE void fwd_cl_tile(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_
   A count = 0;
   for (int64_t r0 = 0; r0 < M; r0 += kChunkRows) {
     const int64_t len = std::min(kChunkRows, M - r0);
-    A cm[TW] = {}, c2[TW] = {};
-    for (int64_t r = r0; r < r0 + len; ++r)
-      for (int l = 0; l < w; ++l) cm[l] += A(x[r * C + l]);
+    A cm[TW], c2[TW];
+    rows_sum<T, W>(x + r0 * C, len, C, w, cm, [](A v, int) { return v; });
     for (int l = 0; l < w; ++l) cm[l] /= A(len);
-    for (int64_t r = r0; r < r0 + len; ++r)
-      for (int l = 0; l < w; ++l) { const A d = A(x[r * C + l]) - cm[l]; c2[l] += d * d; }
+    rows_sum<T, W>(x + r0 * C, len, C, w, c2, [&cm](A v, int l) { const A d = v - cm[l]; return d * d; });
     for (int l = 0; l < w; ++l) { A c = count; chan_merge(mean[l], m2[l], c, cm[l], c2[l], A(len)); }
     count += A(len);
   }
@@ -156,8 +200,8 @@ FA_INLINE void fwd_cl_tile(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_
 }
 
 template <typename T, int W>
-FA_INLINE void bwd_cl_tile(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,
-                           T* dx, int64_t M, int64_t C, int w_rt) {
+FA_INLINE void bwd_cl_tile(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,
+                           T* __restrict__ dx, int64_t M, int64_t C, int w_rt) {
   using A = acc_t<T>;
   constexpr int TW = tile_channels<T>();
   const int w = W ? W : w_rt;
@@ -165,26 +209,21 @@ FA_INLINE void bwd_cl_tile(const T* g, const T* x, const acc_t<T>* mu, const acc
   for (int l = 0; l < w; ++l) { mean[l] = mu[l]; iv[l] = inv[l]; }
   for (int64_t r = 0; r < M; ++r)
     for (int l = 0; l < w; ++l) {
-      const A v = A(x[r * C + l]), d = v - mean[l];
-      A s;
-      const A a = grad_a(v, A(g[r * C + l]), d, iv[l], s);
-      S1[l] += a * d;
-      S2[l] += a * d * d;
+      const A part = bwd_first(A(x[r * C + l]), A(g[r * C + l]), mean[l], iv[l], S1[l], S2[l]);
+      if constexpr (kPartialInDx<T>) dx[r * C + l] = part;
     }
-  A k1[TW], k2[TW];
-  for (int l = 0; l < w; ++l) { k1[l] = S1[l] / A(M); k2[l] = grad_k2(S2[l], iv[l], M); }
+  A c0[TW], k2[TW];
+  for (int l = 0; l < w; ++l) { c0[l] = grad_c0(S1[l], iv[l], M); k2[l] = grad_k2(S2[l], iv[l], M); }
   for (int64_t r = 0; r < M; ++r)
     for (int l = 0; l < w; ++l) {
-      const A v = A(x[r * C + l]), d = v - mean[l], gv = A(g[r * C + l]);
-      A s;
-      const A a = grad_a(v, gv, d, iv[l], s);
-      dx[r * C + l] = T(grad_x(gv, s, a, d, iv[l], k1[l], k2[l]));
+      const int64_t o = r * C + l;
+      dx[o] = bwd_second(dx[o], x[o], g[o], mean[l], iv[l], c0[l], k2[l]);
     }
 }
 
 // Tasks [t0, t1) of the channels-last layout: task t is sample t / tiles, tile t % tiles.
 template <typename T>
-FA_INLINE void fwd_cl_impl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
+FA_INLINE void fwd_cl_impl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
                            acc_t<T> lam, int64_t t0, int64_t t1) {
   constexpr int TW = tile_channels<T>();
   const int64_t tiles = (C + TW - 1) / TW;
@@ -198,8 +237,8 @@ FA_INLINE void fwd_cl_impl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_
 }
 
 template <typename T>
-FA_INLINE void bwd_cl_impl(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,
-                           T* dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {
+FA_INLINE void bwd_cl_impl(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,
+                           T* __restrict__ dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {
   constexpr int TW = tile_channels<T>();
   const int64_t tiles = (C + TW - 1) / TW;
   for (int64_t t = t0; t < t1; ++t) {
@@ -219,20 +258,20 @@ FA_INLINE void bwd_cl_impl(const T* g, const T* x, const acc_t<T>* mu, const acc
 #endif
 
 #define FA_KERNELS(T)                                                                          \
-  FA_CLONES void fwd_planar(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,         \
+  FA_CLONES void fwd_planar(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,         \
                             acc_t<T> lam, int64_t p0, int64_t p1) {                           \
     fwd_planar_impl<T>(x, y, mu, inv, M, lam, p0, p1);                                        \
   }                                                                                            \
-  FA_CLONES void bwd_planar(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,  \
-                            T* dx, int64_t M, int64_t p0, int64_t p1) {                       \
+  FA_CLONES void bwd_planar(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,  \
+                            T* __restrict__ dx, int64_t M, int64_t p0, int64_t p1) {                       \
     bwd_planar_impl<T>(g, x, mu, inv, dx, M, p0, p1);                                         \
   }                                                                                            \
-  FA_CLONES void fwd_cl(const T* x, T* y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,  \
+  FA_CLONES void fwd_cl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,  \
                         acc_t<T> lam, int64_t t0, int64_t t1) {                               \
     fwd_cl_impl<T>(x, y, mu, inv, M, C, lam, t0, t1);                                         \
   }                                                                                            \
-  FA_CLONES void bwd_cl(const T* g, const T* x, const acc_t<T>* mu, const acc_t<T>* inv,      \
-                        T* dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {                \
+  FA_CLONES void bwd_cl(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,      \
+                        T* __restrict__ dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {                \
     bwd_cl_impl<T>(g, x, mu, inv, dx, M, C, t0, t1);                                          \
   }
 
