@@ -155,25 +155,32 @@ def _runs_on(name: str, device: torch.device) -> str:
 
 
 def select(op: str, x: torch.Tensor) -> str:
-    """The backend that runs ``op`` (a ``fusedattn::`` forward op name) on ``x``."""
+    """The backend that runs ``op`` (a ``fusedattn::`` forward op name) on ``x``. Under
+    torch.compile the choice is made once, when the graph is traced."""
+    return _select(op, x.device.type)
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, device_type: str) -> str:
+    device = torch.device(device_type)
     name = chosen()
     if name is not None:
-        why = _runs_on(name, x.device) or (not status(name, op).available and status(name, op).reason)
+        st = status(name, op)
+        why = _runs_on(name, device) or (st.reason if not st.available else "")
         if why:
             raise BackendUnavailable(f"fusedattn: backend {name!r} cannot run {op}: {why}")
         return _record(op, name)
-    order = _DEFAULT_ORDER.get(x.device.type, ())
     reasons = []
-    for name in order:
+    for name in _DEFAULT_ORDER.get(device_type, ()):
         st = status(name, op)
-        if st.available and not _runs_on(name, x.device):
+        if st.available and not _runs_on(name, device):
             if reasons:
                 warnings.warn(f"fusedattn: {op} runs on backend {name!r} because "
-                              + "; ".join(reasons), stacklevel=3)
+                              + "; ".join(reasons), stacklevel=4)
             return _record(op, name)
-        reasons.append(f"{name!r} cannot run: {st.reason or _runs_on(name, x.device)}")
+        reasons.append(f"{name!r} cannot run: {st.reason or _runs_on(name, device)}")
     raise BackendUnavailable(
-        f"fusedattn: no fused backend runs {op} on a {x.device.type} tensor here"
+        f"fusedattn: no fused backend runs {op} on a {device_type} tensor here"
         + (": " + "; ".join(reasons) if reasons else "")
         + ". Use fusedattn.use_backend('eager') for the eager reference.")
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .ops import simam
+from .ops.simam import check_lambda
 
 
 class SimAM(nn.Module):
@@ -13,6 +14,7 @@ class SimAM(nn.Module):
 
     def __init__(self, channels: int | None = None, e_lambda: float = 1e-4):
         super().__init__()
+        check_lambda(e_lambda)
         self.e_lambda = e_lambda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

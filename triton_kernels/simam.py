@@ -12,7 +12,7 @@ Backward: ``s = sigmoid(e)``, ``a = g x s (1-s)``, ``S1 = sum(a d)``, ``S2 = sum
 
 ``ONCHIP`` variants hold the whole plane in registers (forward reads x once; backward reads x and
 g once). Looped variants stream the plane in ``BLOCK_M`` chunks: statistics merged chunk by chunk
-(Chan et al.) and then the output pass (forward reads x twice; backward x and g twice). Math in
+(Chan et al., merge state in fp64) and then the output pass (forward reads x twice; backward x and g twice). Math in
 fp32 (fp64 for fp64 inputs); no atomics, so results are bitwise deterministic.
 """
 from __future__ import annotations
@@ -55,9 +55,10 @@ def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_
         d = tl.where(mask, x - mean[:, None], 0.0)
         m2 = tl.sum(d * d, axis=1)
     else:
-        mean = tl.zeros([BLOCK_P], ACC)
-        m2 = tl.zeros([BLOCK_P], ACC)
-        count = tl.zeros([BLOCK_P], ACC)
+        # chunk statistics in ACC, merged across chunks in fp64 (planes can be huge)
+        mean64 = tl.zeros([BLOCK_P], tl.float64)
+        m2_64 = tl.zeros([BLOCK_P], tl.float64)
+        count = tl.zeros([BLOCK_P], tl.float64)
         for m0 in range(0, M, BLOCK_M):
             mm = m0 + m
             mask = cmask[:, None] & (mm < M)[None, :]
@@ -67,11 +68,13 @@ def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_
             cmean = tl.sum(x, axis=1) / cnt
             d = tl.where(mask, x - cmean[:, None], 0.0)
             cm2 = tl.sum(d * d, axis=1)
-            w = cnt / (count + cnt)
-            delta = cmean - mean
-            mean = mean + delta * w
-            m2 = m2 + cm2 + delta * delta * count * w
+            w = cnt.to(tl.float64) / (count + cnt)
+            delta = cmean.to(tl.float64) - mean64
+            mean64 = mean64 + delta * w
+            m2_64 = m2_64 + cm2 + delta * delta * count * w
             count += cnt
+        mean = mean64.to(ACC)
+        m2 = m2_64.to(ACC)
     inv = 1.0 / (4.0 * (m2 / dof + lam))
     if ONCHIP:
         d = x - mean[:, None]
@@ -115,8 +118,8 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
         S1 = tl.sum(ad, axis=1)
         S2 = tl.sum(ad * d, axis=1)
     else:
-        S1 = tl.zeros([BLOCK_P], ACC)
-        S2 = tl.zeros([BLOCK_P], ACC)
+        S1 = tl.zeros([BLOCK_P], tl.float64)  # chunk sums added up in fp64
+        S2 = tl.zeros([BLOCK_P], tl.float64)
         for m0 in range(0, M, BLOCK_M):
             mm = m0 + m
             mask = cmask[:, None] & (mm < M)[None, :]
@@ -127,8 +130,8 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
             ad = tl.where(mask, a * d, 0.0)
             S1 += tl.sum(ad, axis=1)
             S2 += tl.sum(ad * d, axis=1)
-    k1 = (S1 / M)[:, None]
-    k2 = (8.0 * inv * inv * S2 / dof)[:, None]
+    k1 = (S1.to(ACC) / M)[:, None]
+    k2 = (8.0 * inv * inv * S2.to(ACC) / dof)[:, None]
     inv2 = 2.0 * inv[:, None]
     if ONCHIP:
         dx = g * s + inv2 * (a * d - k1) - k2 * d

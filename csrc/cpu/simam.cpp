@@ -63,17 +63,19 @@ FA_INLINE A lane_sum(const T* __restrict__ x, int64_t n, F f) {
   return s;
 }
 
+// Plane statistics: two passes over each L1-sized chunk in A, chunks merged in double (a plane
+// can hold billions of elements, beyond what fp32 running sums keep exact).
 template <typename T, typename A>
-FA_INLINE void planar_stats(const T* __restrict__ x, int64_t M, A& mean, A& m2) {
-  A count = 0;
-  mean = 0;
-  m2 = 0;
+FA_INLINE void planar_stats(const T* __restrict__ x, int64_t M, A& mean_out, A& m2_out) {
+  double mean = 0, m2 = 0, count = 0;
   for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
     const int64_t len = std::min(kChunk, M - c0);
     const A cmean = lane_sum<T, A>(x + c0, len, [](A v) { return v; }) / A(len);
     const A cm2 = lane_sum<T, A>(x + c0, len, [cmean](A v) { A d = v - cmean; return d * d; });
-    chan_merge(mean, m2, count, cmean, cm2, A(len));
+    chan_merge<double>(mean, m2, count, cmean, cm2, double(len));
   }
+  mean_out = A(mean);
+  m2_out = A(m2);
 }
 
 template <typename T>
@@ -132,18 +134,25 @@ FA_INLINE void bwd_planar_impl(const T* __restrict__ g, const T* __restrict__ x,
     const T* gp = g + p * M;
     T* dp = dx + p * M;
     const A mean = mu[p], iv = inv[p];
-    A s1[kLanes] = {}, s2[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= M; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const A part = bwd_first(A(xp[i + l]), A(gp[i + l]), mean, iv, s1[l], s2[l]);
-        if constexpr (kPartialInDx<T>) dp[i + l] = part;
+    double S1w = 0, S2w = 0;  // chunk sums (A) added up in double
+    for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
+      const int64_t end = std::min(M, c0 + kChunk);
+      A s1[kLanes] = {}, s2[kLanes] = {};
+      int64_t i = c0;
+      for (; i + kLanes <= end; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const A part = bwd_first(A(xp[i + l]), A(gp[i + l]), mean, iv, s1[l], s2[l]);
+          if constexpr (kPartialInDx<T>) dp[i + l] = part;
+        }
+      A cs1 = tree_sum(s1), cs2 = tree_sum(s2);
+      for (; i < end; ++i) {
+        const A part = bwd_first(A(xp[i]), A(gp[i]), mean, iv, cs1, cs2);
+        if constexpr (kPartialInDx<T>) dp[i] = part;
       }
-    A S1 = tree_sum(s1), S2 = tree_sum(s2);
-    for (; i < M; ++i) {
-      const A part = bwd_first(A(xp[i]), A(gp[i]), mean, iv, S1, S2);
-      if constexpr (kPartialInDx<T>) dp[i] = part;
+      S1w += cs1;
+      S2w += cs2;
     }
+    const A S1 = A(S1w), S2 = A(S2w);
     const A c0 = grad_c0(S1, iv, M), k2 = grad_k2(S2, iv, M);
     for (int64_t j = 0; j < M; ++j) dp[j] = bwd_second(dp[j], xp[j], gp[j], mean, iv, c0, k2);
   }
@@ -178,19 +187,18 @@ FA_INLINE void fwd_cl_tile(const T* __restrict__ x, T* __restrict__ y, acc_t<T>*
   using A = acc_t<T>;
   constexpr int TW = tile_channels<T>();
   const int w = W ? W : w_rt;
-  A mean[TW] = {}, m2[TW] = {};
-  A count = 0;
+  double mw[TW] = {}, m2w[TW] = {}, count = 0;  // chunks merged in double
   for (int64_t r0 = 0; r0 < M; r0 += kChunkRows) {
     const int64_t len = std::min(kChunkRows, M - r0);
     A cm[TW], c2[TW];
     rows_sum<T, W>(x + r0 * C, len, C, w, cm, [](A v, int) { return v; });
     for (int l = 0; l < w; ++l) cm[l] /= A(len);
     rows_sum<T, W>(x + r0 * C, len, C, w, c2, [&cm](A v, int l) { const A d = v - cm[l]; return d * d; });
-    for (int l = 0; l < w; ++l) { A c = count; chan_merge(mean[l], m2[l], c, cm[l], c2[l], A(len)); }
-    count += A(len);
+    for (int l = 0; l < w; ++l) { double c = count; chan_merge<double>(mw[l], m2w[l], c, cm[l], c2[l], double(len)); }
+    count += double(len);
   }
-  A iv[TW];
-  for (int l = 0; l < w; ++l) iv[l] = inv_from_m2(m2[l], M, lam);
+  A mean[TW], iv[TW];
+  for (int l = 0; l < w; ++l) { mean[l] = A(mw[l]); iv[l] = inv_from_m2(A(m2w[l]), M, lam); }
   for (int64_t r = 0; r < M; ++r)
     for (int l = 0; l < w; ++l) {
       const A v = A(x[r * C + l]);
@@ -205,15 +213,24 @@ FA_INLINE void bwd_cl_tile(const T* __restrict__ g, const T* __restrict__ x, con
   using A = acc_t<T>;
   constexpr int TW = tile_channels<T>();
   const int w = W ? W : w_rt;
-  A mean[TW], iv[TW], S1[TW] = {}, S2[TW] = {};
+  A mean[TW], iv[TW];
+  double S1w[TW] = {}, S2w[TW] = {};  // chunk sums (A) added up in double
   for (int l = 0; l < w; ++l) { mean[l] = mu[l]; iv[l] = inv[l]; }
-  for (int64_t r = 0; r < M; ++r)
-    for (int l = 0; l < w; ++l) {
-      const A part = bwd_first(A(x[r * C + l]), A(g[r * C + l]), mean[l], iv[l], S1[l], S2[l]);
-      if constexpr (kPartialInDx<T>) dx[r * C + l] = part;
-    }
+  for (int64_t r0 = 0; r0 < M; r0 += kChunkRows) {
+    const int64_t end = std::min(M, r0 + kChunkRows);
+    A S1[TW] = {}, S2[TW] = {};
+    for (int64_t r = r0; r < end; ++r)
+      for (int l = 0; l < w; ++l) {
+        const A part = bwd_first(A(x[r * C + l]), A(g[r * C + l]), mean[l], iv[l], S1[l], S2[l]);
+        if constexpr (kPartialInDx<T>) dx[r * C + l] = part;
+      }
+    for (int l = 0; l < w; ++l) { S1w[l] += S1[l]; S2w[l] += S2[l]; }
+  }
   A c0[TW], k2[TW];
-  for (int l = 0; l < w; ++l) { c0[l] = grad_c0(S1[l], iv[l], M); k2[l] = grad_k2(S2[l], iv[l], M); }
+  for (int l = 0; l < w; ++l) {
+    c0[l] = grad_c0(A(S1w[l]), iv[l], M);
+    k2[l] = grad_k2(A(S2w[l]), iv[l], M);
+  }
   for (int64_t r = 0; r < M; ++r)
     for (int l = 0; l < w; ++l) {
       const int64_t o = r * C + l;

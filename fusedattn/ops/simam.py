@@ -109,6 +109,10 @@ def check_args(x: torch.Tensor, e_lambda: float) -> None:
     if x.dim() < 3:
         raise ValueError(f"simam: expected shape (N, C, *spatial) with at least one spatial "
                          f"dim, got shape {tuple(x.shape)}")
+    check_lambda(e_lambda)
+
+
+def check_lambda(e_lambda: float) -> None:
     if not isinstance(e_lambda, (int, float)) or isinstance(e_lambda, bool):
         raise TypeError(f"simam: e_lambda must be a real number, got {type(e_lambda).__name__}")
     if not math.isfinite(e_lambda) or e_lambda < 0:

@@ -1,0 +1,30 @@
+"""Test configuration. Without a GPU the Triton kernels run in the interpreter on CPU tensors:
+TRITON_INTERPRET must be set before triton is imported, so it is set here, first."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusedattn  # noqa: E402
+from helpers import BACKEND_DEVICES  # noqa: E402
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+def backend_device(request):
+    """(backend, device) pairs that run here: C++ on CPU tensors, Triton in the interpreter
+    without a GPU, and the GPU backends on CUDA tensors when a GPU is present."""
+    backend, device = request.param
+    st = fusedattn.backends()[backend]
+    if not st.available:
+        pytest.skip(f"backend {backend} unavailable here: {st.reason}")
+    with fusedattn.use_backend(backend):
+        yield backend, device
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

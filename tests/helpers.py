@@ -1,0 +1,37 @@
+"""Shared helpers of the test suite: backend/device pairs and the tolerance rule."""
+import os
+
+import torch
+
+GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+BACKEND_DEVICES = [("cpu", "cpu")]
+if INTERPRET:
+    BACKEND_DEVICES.append(("triton", "cpu"))
+if GPU:
+    BACKEND_DEVICES += [("triton", "cuda"), ("cuda", "cuda")]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+
+# Absolute slack added to 2x the eager error, for dtypes where the eager error can be ~0.
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-6, torch.float64: 1e-12}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_tolerance(fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, what=""):
+    """flash-attention's rule: against the fp64 result, the fused error is at most twice the
+    error of eager PyTorch at the same precision (plus a small absolute slack)."""
+    ef, ee = max_err(fused, exact), max_err(eager, exact)
+    bound = 2 * ee + ATOL[fused.dtype]
+    assert ef <= bound, f"{what}: fused error {ef:.3g} > 2 x eager error {ee:.3g} + atol"
+
+
+def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what=""):
+    """fp64 comparison: agreement to fp64 round-off relative to the values' size."""
+    scale = max(1.0, expected.abs().max().item())
+    err = max_err(actual, expected)
+    assert err <= 1e-12 * scale, f"{what}: fp64 error {err:.3g} (scale {scale:.3g})"
