@@ -1,0 +1,419 @@
+"""Benchmark — the main job: fused vs eager vs torch.compile(eager) vs x.clone() (the floor).
+
+    python -m fusedattn.bench                  # this machine's device, default shapes
+    python -m fusedattn.bench --quick          # fewer repetitions, two shapes
+    python -m fusedattn.bench --device cuda --dtypes fp16,bf16,fp32
+
+Modes: forward (training forward: x requires grad), backward (autograd.grad through a retained
+graph) and forward+backward. Providers are timed interleaved, one call each per round; the
+table reports medians (CSV/JSON also p20 and p80). Memory: bytes autograd saves for backward
+(unique storages, via saved_tensors_hooks) and the peak memory one forward+backward adds (GPU:
+the caching allocator's peak; CPU: the peak resident set, measured in a child process whose large
+allocations are mmapped so that freed memory leaves it). On a GPU, GB/s counts the minimum traffic of the op
+(forward: read x, write y; backward: read x and dy, write dx) and is compared with the device's
+peak bandwidth. Results go to benchmarks/results/<op>_<device>.{csv,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "rn50-s1": (8, 256, 56, 56),
+    "rn50-s2": (8, 512, 28, 28),
+    "rn50-s3": (8, 1024, 14, 14),
+    "rn50-s4": (8, 2048, 7, 7),
+    "cifar": (128, 64, 32, 32),
+    "yolo-neck": (8, 128, 80, 80),
+    "small-56": (8, 64, 56, 56),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+          "fp64": torch.float64}
+PROVIDERS = ("eager", "compile", "fused", "clone")
+MODES = ("fwd", "bwd", "fwd+bwd")
+TRAFFIC = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # minimum full-size tensor passes per mode
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- device facts
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """Peak DRAM bandwidth of a CUDA device in bytes/s (memory clock x bus width x 2)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8
+    return None
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, inner: int) -> float:
+    """Seconds per call, averaged over ``inner`` back-to-back calls."""
+    if isinstance(fn, Backward):
+        fn.prepare(inner)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / inner
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_added_bytes(fn, device) -> int | None:
+    """Memory one call of ``fn`` adds at its peak over what was allocated before it."""
+    fn()
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set
+    except OSError:
+        return None
+    base = _rss("VmRSS:")
+    fn()
+    return _rss("VmHWM:") - base
+
+
+def saved_bytes(f, x) -> int:
+    """Bytes of the unique storages autograd saves for backward in y = f(x)."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(x)
+    return sum(seen.values())
+
+
+def peaks_in_child(op, shape, dtype, channels_last, e_lambda) -> dict:
+    """CPU peak memory of one forward+backward per provider, measured in a child process whose
+    large allocations are all mmapped (glibc's MALLOC_MMAP_THRESHOLD_ fixed), so that freed
+    tensors leave the resident set. Timings stay in this process: mmapping every tensor adds
+    page faults that would distort them."""
+    spec = json.dumps({"op": op, "shape": shape, "dtype": str(dtype).split(".")[-1],
+                       "channels_last": channels_last, "e_lambda": e_lambda})
+    env = {**os.environ, _MMAP_ENV: "65536"}
+    r = subprocess.run([sys.executable, "-m", "fusedattn.bench", "--peak-child", spec],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        log(f"    peak-memory child failed: {r.stderr.strip().splitlines()[-1:]}")
+        return {}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(spec: str) -> int:
+    c = json.loads(spec)
+    x = torch.randn(c["shape"], dtype=getattr(torch, c["dtype"]))
+    if c["channels_last"]:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn_like(x)
+    out = {}
+    for p, f in providers(c["op"], c["e_lambda"]).items():
+        calls = mode_callables(f, x, g, with_grad=(p != "clone"))
+        out[p] = peak_added_bytes(calls.get("fwd+bwd", calls["fwd"]), x.device)
+    print(json.dumps(out))
+    return 0
+
+
+# ----------------------------------------------------------------------------- the op
+
+def providers(op: str, e_lambda: float):
+    import fusedattn
+    from fusedattn import reference
+    if op != "simam":
+        raise ValueError(f"unknown op {op!r}")
+    eager = (lambda x: reference.simam(x, e_lambda))
+    torch._dynamo.reset()  # a fresh compiled function per shape: no dynamic-shape recompiles
+    compiled = torch.compile(eager, dynamic=False)
+    return {"eager": eager, "compile": compiled,
+            "fused": (lambda x: fusedattn.simam(x, e_lambda)), "clone": (lambda x: x.clone())}
+
+
+class Backward:
+    """A backward-only timing target: ``prepare(k)`` runs k forwards (untimed), then each call
+    runs the backward of one of them (graphs are not retained: torch.compile's backward donates
+    its buffers and refuses retain_graph)."""
+
+    def __init__(self, f, x, g):
+        self.f, self.x, self.g, self.ys = f, x, g, []
+
+    def prepare(self, k: int) -> None:
+        self.ys = [self.f(self.x) for _ in range(k)]
+
+    def __call__(self):
+        return torch.autograd.grad(self.ys.pop(), self.x, self.g)
+
+
+def mode_callables(f, x, g, with_grad: bool):
+    calls = {"fwd": lambda: f(x)}
+    if with_grad:
+        calls["bwd"] = Backward(f, x, g)
+        calls["fwd+bwd"] = lambda: torch.autograd.grad(f(x), x, g)
+    return calls
+
+
+def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn_like(x)
+    fns = providers(op, e_lambda)
+    calls = {p: mode_callables(f, x, g, with_grad=(p != "clone")) for p, f in fns.items()}
+    for p in PROVIDERS:  # warm-up (compiles torch.compile's forward and backward graphs)
+        t0 = time.perf_counter()
+        for c in calls[p].values():
+            time_call(c, device, 1)
+        log(f"    warm-up {p:8s} {time.perf_counter() - t0:7.2f} s")
+    inner = {}
+    for p in PROVIDERS:
+        for m, c in calls[p].items():
+            est = time_call(c, device, 1)
+            cap = 8 if m == "bwd" else 100  # backward keeps `inner` graphs alive at once
+            inner[p, m] = max(1, min(cap, int(2e-3 / max(est, 1e-7))))
+    samples = {(p, m): [] for p in PROVIDERS for m in calls[p]}
+    for _ in range(reps):  # interleaved: one sample of every provider and mode per round
+        for m in MODES:
+            for p in PROVIDERS:
+                if m in calls[p]:
+                    samples[p, m].append(time_call(calls[p][m], device, inner[p, m]))
+    nbytes = x.numel() * x.element_size()
+    peaks = (peaks_in_child(op, shape, dtype, channels_last, e_lambda) if device.type == "cpu"
+             else {p: peak_added_bytes(calls[p].get("fwd+bwd", calls[p]["fwd"]), device)
+                   for p in PROVIDERS})
+    rows = []
+    for p in PROVIDERS:
+        mem_saved = saved_bytes(fns[p], x) if p != "clone" else 0
+        peak = peaks.get(p)
+        for m in calls[p]:
+            ts = sorted(samples[p, m])
+            med = statistics.median(ts)
+            q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
+            moved = (2 if p == "clone" else TRAFFIC[m]) * nbytes
+            gbps = moved / med / 1e9
+            rows.append({
+                "op": op, "shape": "x".join(map(str, shape)), "dtype": str(dtype).split(".")[-1],
+                "layout": "channels_last" if channels_last else "contiguous",
+                "device": device.type, "provider": p, "mode": m,
+                "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[3] * 1e3,
+                "gbps": gbps, "pct_peak_bw": (100 * gbps * 1e9 / peak_bw) if peak_bw else None,
+                "saved_bytes": mem_saved, "saved_over_input": mem_saved / nbytes,
+                "peak_added_bytes": peak, "input_bytes": nbytes,
+            })
+    return rows
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _get(rows, **kw):
+    for r in rows:
+        if all(r[k] == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def table(rows, gpu: bool) -> str:
+    """Markdown table: one line per (shape, dtype, layout, mode)."""
+    head = ["shape", "dtype", "layout", "mode", "eager ms", "compile ms", "fused ms", "clone ms",
+            "fused/compile", "eager/fused"]
+    if gpu:
+        head += ["fused GB/s", "% peak"]
+    head += ["saved/input (eager, compile, fused)", "peak MiB (eager, compile, fused)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = []
+    for r in rows:
+        k = (r["shape"], r["dtype"], r["layout"], r["mode"])
+        if k not in keys:
+            keys.append(k)
+    for shape, dtype, layout, mode in keys:
+        sel = dict(shape=shape, dtype=dtype, layout=layout)
+        get = {p: _get(rows, provider=p, mode=mode, **sel) for p in PROVIDERS}
+        ms = {p: (f"{get[p]['median_ms']:.3f}" if get[p] else "") for p in PROVIDERS}
+        f, c, e = get["fused"], get["compile"], get["eager"]
+        cells = [shape, dtype, layout, mode, ms["eager"], ms["compile"], ms["fused"], ms["clone"],
+                 f"{f['median_ms'] / c['median_ms']:.2f}", f"{e['median_ms'] / f['median_ms']:.1f}"]
+        if gpu:
+            cells += [f"{f['gbps']:.0f}", f"{f['pct_peak_bw']:.0f}" if f["pct_peak_bw"] else ""]
+        if mode == "fwd":
+            cells.append(", ".join(f"{get[p]['saved_over_input']:.2f}" for p in ("eager", "compile", "fused")))
+            cells.append(", ".join("?" if get[p]["peak_added_bytes"] is None else
+                                   f"{get[p]['peak_added_bytes'] / 2**20:.0f}"
+                                   for p in ("eager", "compile", "fused")))
+        else:
+            cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = []
+    for r in rows:
+        k = (r["shape"], r["dtype"], r["layout"])
+        if k not in cases:
+            cases.append(k)
+    fig, axes = plt.subplots(1, len(MODES), figsize=(6 * len(MODES), 0.5 * len(cases) + 2.5),
+                             squeeze=False)
+    width = 0.8 / len(PROVIDERS)
+    for ax, mode in zip(axes[0], MODES):
+        for i, p in enumerate(PROVIDERS):
+            ys, meds, lo, hi = [], [], [], []
+            for j, (shape, dtype, layout) in enumerate(cases):
+                r = _get(rows, shape=shape, dtype=dtype, layout=layout, provider=p, mode=mode)
+                if r:
+                    ys.append(j + i * width)
+                    meds.append(r["median_ms"])
+                    lo.append(r["median_ms"] - r["p20_ms"])
+                    hi.append(r["p80_ms"] - r["median_ms"])
+            if ys:
+                ax.barh(ys, meds, height=width, xerr=[lo, hi], label=p, capsize=2)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_yticklabels([f"{s} {d}{' CL' if l == 'channels_last' else ''}" for s, d, l in cases],
+                           fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms (median, p20-p80)")
+        ax.set_title(mode)
+        ax.invert_yaxis()
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m fusedattn.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", default="simam", choices=["simam"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", default=None,
+                    help="comma list of fp16,bf16,fp32,fp64 (default: fp32 on CPU; fp16,bf16,fp32 on GPU)")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"comma list of {', '.join(SHAPES)}, or NxCxHxW")
+    ap.add_argument("--layouts", default="contiguous,channels_last")
+    ap.add_argument("--reps", type=int, default=15, help="interleaved rounds per case")
+    ap.add_argument("--quick", action="store_true", help="5 rounds, two shapes, contiguous only")
+    ap.add_argument("--backend", default=None, help="fused backend (default: dispatcher's choice)")
+    ap.add_argument("--e-lambda", type=float, default=1e-4)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.peak_child:
+        return _peak_child(args.peak_child)
+    device = torch.device(args.device)
+    import fusedattn
+    if args.quick:
+        args.reps, args.shapes, args.layouts = 5, "rn50-s1,rn50-s4", "contiguous"
+    dtypes = args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32")
+    shapes = [SHAPES[s] if s in SHAPES else tuple(int(v) for v in s.split("x"))
+              for s in args.shapes.split(",")]
+    cases = [(s, DTYPES[d], l == "channels_last") for s in shapes for d in dtypes.split(",")
+             for l in args.layouts.split(",")]
+    peak_bw = peak_bandwidth(device)
+    where = machine(device)
+    log(f"fusedattn.bench: {args.op} on {where}; torch {torch.__version__}; "
+        f"{len(cases)} cases x {len(MODES)} modes x {len(PROVIDERS)} providers, {args.reps} rounds")
+    rows = []
+    ctx = fusedattn.use_backend(args.backend) if args.backend else _null()
+    with ctx:
+        for i, (shape, dtype, cl) in enumerate(cases, 1):
+            log(f"[{i}/{len(cases)}] {args.op} {'x'.join(map(str, shape))} {dtype} "
+                f"{'channels_last' if cl else 'contiguous'}")
+            t0 = time.perf_counter()
+            rows += bench_case(args.op, shape, dtype, device, args.reps, cl, args.e_lambda, peak_bw)
+            log(f"    done in {time.perf_counter() - t0:.1f} s "
+                f"(fused backend: {fusedattn.last_backend()})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{args.op}_{device.type}"
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = {"command": "python -m fusedattn.bench " + " ".join(sys.argv[1:]), "machine": where,
+            "torch": torch.__version__, "device": device.type, "peak_bandwidth_Bps": peak_bw,
+            "fused_backend": fusedattn.last_backend(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = table(rows, gpu=device.type == "cuda")
+    with open(f"{stem}.md", "w") as f:
+        f.write(f"`{meta['command']}` on {where}, torch {torch.__version__}, {meta['date']}\n\n{md}\n")
+    plot(rows, Path(f"{stem}.png"), f"{args.op} on {where}")
+    print(md)
+    log(f"wrote {stem}.csv, .json, .md, .png")
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
