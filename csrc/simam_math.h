@@ -21,39 +21,42 @@
 namespace fusedattn {
 namespace simam {
 
-// exp(x) for float: Cephes-style range reduction and degree-6 polynomial (about 1 ulp), written
-// with plain arithmetic and bit casts so that compilers vectorise it. NaN stays NaN.
-FA_HD float exp_f32(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float t = x * 1.44269504088896341f + 12582912.0f;  // round(x log2 e) in the mantissa
+constexpr double kLog2e = 1.4426950408889634;
+
+// 2^z for z <= 0 (or NaN) in float: z is clamped at -126, split as n + f with n = round(z) and
+// f in [-1/2, 1/2], and 2^f is a degree-5 polynomial (1.8e-7 relative); 2^n goes straight into
+// the exponent bits. Plain arithmetic and bit casts, so that compilers vectorise it.
+FA_HD float exp2_neg_f32(float z) {
+  z = z < -126.0f ? -126.0f : z;
+  const float t = z + 12582912.0f;  // 1.5 * 2^23: round(z) lands in the low mantissa bits
   const float n = t - 12582912.0f;
-  int32_t ti;
+  const float f = z - n;
+  float p = 1.32186722e-3f;
+  p = p * f + 9.67169832e-3f;
+  p = p * f + 5.55089302e-2f;
+  p = p * f + 2.40222380e-1f;
+  p = p * f + 6.93146884e-1f;
+  p = p * f + 1.0f;
+  uint32_t ti;
   std::memcpy(&ti, &t, sizeof(ti));
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (ti - 0x4B400000 + 127) << 23;  // 2^n, n in [-126, 127]
+  const uint32_t bits = (ti - 0x4B400000u + 127u) << 23;  // n + 127 in [1, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-#endif
 }
 
-FA_HD double exp_acc(double x) { return ::exp(x); }
-FA_HD float exp_acc(float x) { return exp_f32(x); }
-
-template <typename A>
-FA_HD A sigmoid(A e) { return A(1) / (A(1) + exp_acc(-e)); }
+// t = exp(-e) for the energy e = d2 inv + 1/2 >= 1/2 (inv >= 0; NaN propagates). In float it is
+// 2^z with z = d2 (-inv log2 e) - log2(e)/2: one multiply-add, as -inv log2 e is a plane
+// constant that compilers hoist. The relative error of t reaches sigmoid(e) scaled by
+// t / (1 + t) <= 0.38.
+FA_HD double exp_neg_energy(double d2, double inv) { return ::exp(-(d2 * inv + 0.5)); }
+FA_HD float exp_neg_energy(float d2, float inv) {
+#if defined(__CUDA_ARCH__)
+  return exp2f(d2 * (inv * float(-kLog2e)) + float(-0.5 * kLog2e));
+#else
+  return exp2_neg_f32(d2 * (inv * float(-kLog2e)) + float(-0.5 * kLog2e));
+#endif
+}
 
 // n = max(M - 1, 1): the spec's guard for one-element planes.
 template <typename A>
@@ -65,9 +68,9 @@ FA_HD A inv_from_m2(A m2, int64_t M, A e_lambda) {
   return A(1) / (A(4) * (m2 / dof<A>(M) + e_lambda));
 }
 
-// Forward output for one element, d = x - mu.
+// Forward output for one element, d = x - mu: y = x sigmoid(e) = x / (1 + exp(-e)).
 template <typename A>
-FA_HD A forward(A x, A d, A inv) { return x * sigmoid(d * d * inv + A(0.5)); }
+FA_HD A forward(A x, A d, A inv) { return x / (A(1) + exp_neg_energy(d * d, inv)); }
 
 // Chan et al. merge of (mean, m2, count) with a chunk's (cmean, cm2, ccount).
 template <typename A>
@@ -83,7 +86,7 @@ FA_HD void chan_merge(A& mean, A& m2, A& count, A cmean, A cm2, A ccount) {
 // Backward per element: a = g x s (1 - s), with s returned through the reference.
 template <typename A>
 FA_HD A grad_a(A x, A g, A d, A inv, A& s) {
-  s = sigmoid(d * d * inv + A(0.5));
+  s = A(1) / (A(1) + exp_neg_energy(d * d, inv));
   return g * x * s * (A(1) - s);
 }
 

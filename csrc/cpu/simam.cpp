@@ -1,12 +1,20 @@
-// SimAM on CPU tensors (spec/simam.md): forward and backward, parallel over planes (planar
-// layout) or over (sample, channel tile) (channels-last layout), vectorised by the compiler with
-// fixed-width lane accumulators (the same bits on every run and thread count), built for AVX-512,
-// AVX2 and baseline x86-64 and picked at load time (target_clones).
+// SimAM on CPU tensors (spec/simam.md), forward and backward; the per-element math is
+// csrc/simam_math.h. Vectorised by the compiler through fixed-width lane loops (the same bits on
+// every run and thread count), built for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time (target_clones). Three work shapes:
 //
-// Traffic: statistics are merged chunk by chunk (Chan et al.) from chunks that sit in L1, and the
-// output pass re-reads the plane (or channel tile) while it is still in L2, so x comes from
-// memory once when the plane fits in cache and twice otherwise. Backward: one pass for the two
-// plane sums, one for dx (x and g read once from memory while the plane fits in cache).
+//  * planar, large planes (M > kSmallPlane): a task is a plane. Statistics come from two passes
+//    over L1-sized chunks, merged in double (Chan et al.); the output pass re-reads the plane
+//    while it is still in L2, so x comes from memory once while a plane fits in L2.
+//  * planar, small planes: a task is a group of kLanes consecutive planes (kLanes * M elements,
+//    a whole number of vectors): per-plane statistics, then one flat pass over the group with
+//    the plane constants broadcast into L1 buffers, so no pass runs on short remainders.
+//  * channels-last: a task is (sample, block of channels); rows of the block are contiguous, so
+//    per-channel statistics accumulate across a row in vector lanes. Statistics stream over
+//    L1-sized row chunks; the output pass re-reads the block from L2/L3.
+//
+// Backward: the first pass forms the two plane sums and stores p = g s + 2 inv a d in dx (for
+// fp32/fp64; half types recompute it), the second finishes dx = p - c0 - k2 d without a sigmoid.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,20 +37,23 @@ using namespace simam;
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
-constexpr int kLanes = 16;             // accumulator lanes of the planar reductions
-constexpr int64_t kChunk = 4096;       // elements per statistics chunk (planar)
-constexpr int64_t kChunkRows = 256;    // rows per statistics chunk (channels-last)
-constexpr int64_t kTaskElems = 1 << 15;  // smallest amount of work handed to one thread
+constexpr int kLanes = 16;                // accumulator lanes of the planar loops
+constexpr int64_t kChunk = 4096;          // elements per statistics chunk (planar)
+constexpr int64_t kSmallPlane = 256;      // planes up to this size take the grouped path
+constexpr int64_t kChunkBytes = 16 << 10;  // bytes per statistics chunk (channels-last)
+constexpr int64_t kBlockBytes = 1 << 10;  // channel-block row bytes (channels-last)
+constexpr int64_t kTaskElems = 1 << 15;   // smallest amount of work handed to one thread
 
-#ifndef FA_TILE_BYTES
-#define FA_TILE_BYTES 64
-#endif
 template <typename T>
-constexpr int tile_channels() { return FA_TILE_BYTES / int(sizeof(T)); }  // one cache line of channels
+constexpr int64_t block_channels() { return kBlockBytes / int64_t(sizeof(T)); }
+
+// Backward keeps p in dx itself when T is the accumulation type.
+template <typename T>
+constexpr bool kPartialInDx = std::is_same_v<T, acc_t<T>>;
 
 #define FA_INLINE inline __attribute__((always_inline))
 
-// ---------------------------------------------------------------- planar: plane (n,c) is x[0, M)
+// ------------------------------------------------------------------------ shared element steps
 
 // Sum of the lanes by halving (fixed order, log2 depth).
 template <typename A>
@@ -63,13 +74,13 @@ FA_INLINE A lane_sum(const T* __restrict__ x, int64_t n, F f) {
   return s;
 }
 
-// Plane statistics: two passes over each L1-sized chunk in A, chunks merged in double (a plane
-// can hold billions of elements, beyond what fp32 running sums keep exact).
+// (mean, m2) of n contiguous elements: two passes over each L1-sized chunk, chunks merged in
+// double (a plane can hold billions of elements, beyond what fp32 running sums keep exact).
 template <typename T, typename A>
-FA_INLINE void planar_stats(const T* __restrict__ x, int64_t M, A& mean_out, A& m2_out) {
+FA_INLINE void planar_stats(const T* __restrict__ x, int64_t n, A& mean_out, A& m2_out) {
   double mean = 0, m2 = 0, count = 0;
-  for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, M - c0);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
     const A cmean = lane_sum<T, A>(x + c0, len, [](A v) { return v; }) / A(len);
     const A cm2 = lane_sum<T, A>(x + c0, len, [cmean](A v) { A d = v - cmean; return d * d; });
     chan_merge<double>(mean, m2, count, cmean, cm2, double(len));
@@ -78,9 +89,34 @@ FA_INLINE void planar_stats(const T* __restrict__ x, int64_t M, A& mean_out, A& 
   m2_out = A(m2);
 }
 
+// Backward first pass for one element: adds a d and a d^2 to the sums, returns p.
+template <typename A>
+FA_INLINE A bwd_first(A v, A gv, A mean, A iv, A& s1, A& s2) {
+  const A d = v - mean;
+  A s;
+  const A ad = grad_a(v, gv, d, iv, s) * d;
+  s1 += ad;
+  s2 += ad * d;
+  return grad_partial(gv, s, ad, iv);
+}
+
+// Backward second pass for one element; `p` is the stored partial (recomputed for half types).
+template <typename T, typename A>
+FA_INLINE T bwd_second(T p, T xv, T gv, A mean, A iv, A c0, A k2) {
+  const A v = A(xv), d = v - mean;
+  if constexpr (kPartialInDx<T>) {
+    return T(grad_finish(A(p), d, c0, k2));
+  } else {
+    A s1 = 0, s2 = 0;
+    return T(grad_finish(bwd_first(v, A(gv), mean, iv, s1, s2), d, c0, k2));
+  }
+}
+
+// ------------------------------------------------------------ planar, large planes: task = plane
+
 template <typename T>
-FA_INLINE void fwd_planar_impl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,
-                               acc_t<T> lam, int64_t p0, int64_t p1) {
+FA_INLINE void fwd_planar_impl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu,
+                               acc_t<T>* inv, int64_t M, acc_t<T> lam, int64_t p0, int64_t p1) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = x + p * M;
@@ -97,37 +133,10 @@ FA_INLINE void fwd_planar_impl(const T* __restrict__ x, T* __restrict__ y, acc_t
   }
 }
 
-// Backward keeps p = g s + 2 inv a d from the first pass in dx itself when T is the accumulation
-// type (so the second pass needs no sigmoid); half types recompute it in the second pass.
 template <typename T>
-constexpr bool kPartialInDx = std::is_same_v<T, acc_t<T>>;
-
-// First-pass terms of one element: adds a d and a d^2 to the sums, returns p.
-template <typename A>
-FA_INLINE A bwd_first(A v, A gv, A mean, A iv, A& s1, A& s2) {
-  const A d = v - mean;
-  A s;
-  const A ad = grad_a(v, gv, d, iv, s) * d;
-  s1 += ad;
-  s2 += ad * d;
-  return grad_partial(gv, s, ad, iv);
-}
-
-// Second-pass dx of one element; `p` is the stored partial (ignored when recomputed).
-template <typename T, typename A>
-FA_INLINE T bwd_second(T p, T xv, T gv, A mean, A iv, A c0, A k2) {
-  const A v = A(xv), d = v - mean;
-  if constexpr (kPartialInDx<T>) {
-    return T(grad_finish(A(p), d, c0, k2));
-  } else {
-    A s1 = 0, s2 = 0;
-    return T(grad_finish(bwd_first(v, A(gv), mean, iv, s1, s2), d, c0, k2));
-  }
-}
-
-template <typename T>
-FA_INLINE void bwd_planar_impl(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,
-                               T* __restrict__ dx, int64_t M, int64_t p0, int64_t p1) {
+FA_INLINE void bwd_planar_impl(const T* __restrict__ g, const T* __restrict__ x,
+                               const acc_t<T>* mu, const acc_t<T>* inv, T* __restrict__ dx,
+                               int64_t M, int64_t p0, int64_t p1) {
   using A = acc_t<T>;
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = x + p * M;
@@ -152,164 +161,216 @@ FA_INLINE void bwd_planar_impl(const T* __restrict__ g, const T* __restrict__ x,
       S1w += cs1;
       S2w += cs2;
     }
-    const A S1 = A(S1w), S2 = A(S2w);
-    const A c0 = grad_c0(S1, iv, M), k2 = grad_k2(S2, iv, M);
+    const A c0 = grad_c0(A(S1w), iv, M), k2 = grad_k2(A(S2w), iv, M);
     for (int64_t j = 0; j < M; ++j) dp[j] = bwd_second(dp[j], xp[j], gp[j], mean, iv, c0, k2);
   }
 }
 
-// ------------------------------------------------- channels-last: element (n,c,m) at n M C + m C + c
-// A task is one (n, tile of W channels); W is a compile-time constant for full tiles (vectorised)
-// and 0 for the last, narrower tile (width w at run time).
+// ------------------------------------------- planar, small planes: task = group of kLanes planes
 
-// out[l] = sum over rows r < R of f(x[r C + l], l), with kRowAcc independent accumulators per
-// lane (rows r, r + kRowAcc, ...) combined in a fixed order.
-constexpr int kRowAcc = 4;
-template <typename T, int W, typename F>
-FA_INLINE void rows_sum(const T* __restrict__ x, int64_t R, int64_t C, int w_rt,
-                        acc_t<T>* out, F f) {
-  using A = acc_t<T>;
-  constexpr int TW = tile_channels<T>();
-  const int w = W ? W : w_rt;
-  A acc[kRowAcc][TW] = {};
-  int64_t r = 0;
-  for (; r + kRowAcc <= R; r += kRowAcc)
-    for (int k = 0; k < kRowAcc; ++k)
-      for (int l = 0; l < w; ++l) acc[k][l] += f(A(x[(r + k) * C + l]), l);
-  for (; r < R; ++r)
-    for (int l = 0; l < w; ++l) acc[0][l] += f(A(x[r * C + l]), l);
-  for (int l = 0; l < w; ++l) out[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+// buf[i] = v[i / M] for i < planes * M.
+template <typename A>
+FA_INLINE void broadcast_planes(A* __restrict__ buf, const A* v, int planes, int64_t M) {
+  for (int q = 0; q < planes; ++q)
+    for (int64_t i = 0; i < M; ++i) buf[q * M + i] = v[q];
 }
 
-template <typename T, int W>
-FA_INLINE void fwd_cl_tile(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
-                           acc_t<T> lam, int w_rt) {
+template <typename T>
+FA_INLINE void fwd_small_impl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu,
+                              acc_t<T>* inv, int64_t M, acc_t<T> lam, int64_t p0, int64_t p1) {
   using A = acc_t<T>;
-  constexpr int TW = tile_channels<T>();
-  const int w = W ? W : w_rt;
-  double mw[TW] = {}, m2w[TW] = {}, count = 0;  // chunks merged in double
-  for (int64_t r0 = 0; r0 < M; r0 += kChunkRows) {
-    const int64_t len = std::min(kChunkRows, M - r0);
-    A cm[TW], c2[TW];
-    rows_sum<T, W>(x + r0 * C, len, C, w, cm, [](A v, int) { return v; });
-    for (int l = 0; l < w; ++l) cm[l] /= A(len);
-    rows_sum<T, W>(x + r0 * C, len, C, w, c2, [&cm](A v, int l) { const A d = v - cm[l]; return d * d; });
-    for (int l = 0; l < w; ++l) { double c = count; chan_merge<double>(mw[l], m2w[l], c, cm[l], c2[l], double(len)); }
+  alignas(64) A mb[kLanes * kSmallPlane], ib[kLanes * kSmallPlane];
+  for (int64_t p = p0; p < p1; p += kLanes) {
+    const int planes = int(std::min<int64_t>(kLanes, p1 - p));
+    for (int q = 0; q < planes; ++q) {
+      A m2;
+      planar_stats<T, A>(x + (p + q) * M, M, mu[p + q], m2);
+      inv[p + q] = inv_from_m2(m2, M, lam);
+    }
+    broadcast_planes(mb, mu + p, planes, M);
+    broadcast_planes(ib, inv + p, planes, M);
+    const T* xg = x + p * M;
+    T* yg = y + p * M;
+    for (int64_t i = 0; i < planes * M; ++i) {
+      const A v = A(xg[i]);
+      yg[i] = T(forward(v, v - mb[i], ib[i]));
+    }
+  }
+}
+
+template <typename T>
+FA_INLINE void bwd_small_impl(const T* __restrict__ g, const T* __restrict__ x,
+                              const acc_t<T>* mu, const acc_t<T>* inv, T* __restrict__ dx,
+                              int64_t M, int64_t p0, int64_t p1) {
+  using A = acc_t<T>;
+  alignas(64) A mb[kLanes * kSmallPlane], ib[kLanes * kSmallPlane];
+  alignas(64) A ad[kLanes * kSmallPlane], add[kLanes * kSmallPlane];
+  for (int64_t p = p0; p < p1; p += kLanes) {
+    const int planes = int(std::min<int64_t>(kLanes, p1 - p));
+    const int64_t n = planes * M;
+    const T* xg = x + p * M;
+    const T* gg = g + p * M;
+    T* dg = dx + p * M;
+    broadcast_planes(mb, mu + p, planes, M);
+    broadcast_planes(ib, inv + p, planes, M);
+    for (int64_t i = 0; i < n; ++i) {  // a d and a d^2 per element, summed per plane below
+      A s1 = 0, s2 = 0;
+      const A part = bwd_first(A(xg[i]), A(gg[i]), mb[i], ib[i], s1, s2);
+      ad[i] = s1;
+      add[i] = s2;
+      if constexpr (kPartialInDx<T>) dg[i] = part;
+    }
+    A c0[kLanes], k2[kLanes];
+    for (int q = 0; q < planes; ++q) {
+      c0[q] = grad_c0(lane_sum<A, A>(ad + q * M, M, [](A v) { return v; }), inv[p + q], M);
+      k2[q] = grad_k2(lane_sum<A, A>(add + q * M, M, [](A v) { return v; }), inv[p + q], M);
+    }
+    broadcast_planes(ad, c0, planes, M);
+    broadcast_planes(add, k2, planes, M);
+    for (int64_t i = 0; i < n; ++i) dg[i] = bwd_second(dg[i], xg[i], gg[i], mb[i], ib[i], ad[i], add[i]);
+  }
+}
+
+// ------------------------------------------ channels-last: task = (sample, block of channels)
+// Element (r, c) of a block lies at x[r * C + c], c < cb <= block_channels<T>().
+
+template <typename T>
+FA_INLINE void fwd_cl_block(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu,
+                            acc_t<T>* inv, int64_t M, int64_t C, int64_t cb, acc_t<T> lam) {
+  using A = acc_t<T>;
+  constexpr int64_t B = block_channels<T>();
+  const int64_t rows = std::max<int64_t>(1, kChunkBytes / (cb * int64_t(sizeof(T))));
+  double mw[B] = {}, m2w[B] = {}, count = 0;  // chunks merged in double
+  A cm[B], c2[B], mean[B], iv[B];
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    const int64_t r1 = std::min(M, r0 + rows);
+    const A len = A(r1 - r0);
+    for (int64_t c = 0; c < cb; ++c) cm[c] = c2[c] = 0;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cb; ++c) cm[c] += A(x[r * C + c]);
+    for (int64_t c = 0; c < cb; ++c) cm[c] /= len;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cb; ++c) { const A d = A(x[r * C + c]) - cm[c]; c2[c] += d * d; }
+    for (int64_t c = 0; c < cb; ++c) {
+      double n = count;
+      chan_merge<double>(mw[c], m2w[c], n, cm[c], c2[c], double(len));
+    }
     count += double(len);
   }
-  A mean[TW], iv[TW];
-  for (int l = 0; l < w; ++l) { mean[l] = A(mw[l]); iv[l] = inv_from_m2(A(m2w[l]), M, lam); }
+  for (int64_t c = 0; c < cb; ++c) {
+    mean[c] = A(mw[c]);
+    iv[c] = inv_from_m2(A(m2w[c]), M, lam);
+    mu[c] = mean[c];
+    inv[c] = iv[c];
+  }
   for (int64_t r = 0; r < M; ++r)
-    for (int l = 0; l < w; ++l) {
-      const A v = A(x[r * C + l]);
-      y[r * C + l] = T(forward(v, v - mean[l], iv[l]));
+    for (int64_t c = 0; c < cb; ++c) {
+      const A v = A(x[r * C + c]);
+      y[r * C + c] = T(forward(v, v - mean[c], iv[c]));
     }
-  for (int l = 0; l < w; ++l) { mu[l] = mean[l]; inv[l] = iv[l]; }
 }
 
-template <typename T, int W>
-FA_INLINE void bwd_cl_tile(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,
-                           T* __restrict__ dx, int64_t M, int64_t C, int w_rt) {
+template <typename T>
+FA_INLINE void bwd_cl_block(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu,
+                            const acc_t<T>* inv, T* __restrict__ dx, int64_t M, int64_t C,
+                            int64_t cb) {
   using A = acc_t<T>;
-  constexpr int TW = tile_channels<T>();
-  const int w = W ? W : w_rt;
-  A mean[TW], iv[TW];
-  double S1w[TW] = {}, S2w[TW] = {};  // chunk sums (A) added up in double
-  for (int l = 0; l < w; ++l) { mean[l] = mu[l]; iv[l] = inv[l]; }
-  for (int64_t r0 = 0; r0 < M; r0 += kChunkRows) {
-    const int64_t end = std::min(M, r0 + kChunkRows);
-    A S1[TW] = {}, S2[TW] = {};
-    for (int64_t r = r0; r < end; ++r)
-      for (int l = 0; l < w; ++l) {
-        const A part = bwd_first(A(x[r * C + l]), A(g[r * C + l]), mean[l], iv[l], S1[l], S2[l]);
-        if constexpr (kPartialInDx<T>) dx[r * C + l] = part;
+  constexpr int64_t B = block_channels<T>();
+  const int64_t rows = std::max<int64_t>(1, kChunkBytes / (cb * int64_t(sizeof(T))));
+  A mean[B], iv[B], s1[B], s2[B], c0[B], k2[B];
+  double S1w[B] = {}, S2w[B] = {};  // chunk sums (A) added up in double
+  for (int64_t c = 0; c < cb; ++c) { mean[c] = mu[c]; iv[c] = inv[c]; }
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    const int64_t r1 = std::min(M, r0 + rows);
+    for (int64_t c = 0; c < cb; ++c) s1[c] = s2[c] = 0;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cb; ++c) {
+        const int64_t o = r * C + c;
+        const A part = bwd_first(A(x[o]), A(g[o]), mean[c], iv[c], s1[c], s2[c]);
+        if constexpr (kPartialInDx<T>) dx[o] = part;
       }
-    for (int l = 0; l < w; ++l) { S1w[l] += S1[l]; S2w[l] += S2[l]; }
+    for (int64_t c = 0; c < cb; ++c) { S1w[c] += s1[c]; S2w[c] += s2[c]; }
   }
-  A c0[TW], k2[TW];
-  for (int l = 0; l < w; ++l) {
-    c0[l] = grad_c0(A(S1w[l]), iv[l], M);
-    k2[l] = grad_k2(A(S2w[l]), iv[l], M);
+  for (int64_t c = 0; c < cb; ++c) {
+    c0[c] = grad_c0(A(S1w[c]), iv[c], M);
+    k2[c] = grad_k2(A(S2w[c]), iv[c], M);
   }
   for (int64_t r = 0; r < M; ++r)
-    for (int l = 0; l < w; ++l) {
-      const int64_t o = r * C + l;
-      dx[o] = bwd_second(dx[o], x[o], g[o], mean[l], iv[l], c0[l], k2[l]);
+    for (int64_t c = 0; c < cb; ++c) {
+      const int64_t o = r * C + c;
+      dx[o] = bwd_second(dx[o], x[o], g[o], mean[c], iv[c], c0[c], k2[c]);
     }
 }
 
-// Tasks [t0, t1) of the channels-last layout: task t is sample t / tiles, tile t % tiles.
-template <typename T>
-FA_INLINE void fwd_cl_impl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,
-                           acc_t<T> lam, int64_t t0, int64_t t1) {
-  constexpr int TW = tile_channels<T>();
-  const int64_t tiles = (C + TW - 1) / TW;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / tiles, c0 = (t % tiles) * TW;
-    const int64_t off = n * M * C + c0, soff = n * C + c0;
-    const int w = int(std::min<int64_t>(TW, C - c0));
-    if (w == TW) fwd_cl_tile<T, TW>(x + off, y + off, mu + soff, inv + soff, M, C, lam, w);
-    else fwd_cl_tile<T, 0>(x + off, y + off, mu + soff, inv + soff, M, C, lam, w);
-  }
-}
+// ------------------------------------------------------------------------------- entry points
+
+// Work split. Planar: tasks are planes (grouped by kLanes for small planes, whose groups the
+// kernels form from any range). Channels-last: tasks are (sample, channel block); blocks are
+// narrowed (to a multiple of 16 channels) when there are too few to keep every thread busy.
+struct Split {
+  int64_t tasks, grain, block;
+};
 
 template <typename T>
-FA_INLINE void bwd_cl_impl(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,
-                           T* __restrict__ dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {
-  constexpr int TW = tile_channels<T>();
-  const int64_t tiles = (C + TW - 1) / TW;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / tiles, c0 = (t % tiles) * TW;
-    const int64_t off = n * M * C + c0, soff = n * C + c0;
-    const int w = int(std::min<int64_t>(TW, C - c0));
-    if (w == TW) bwd_cl_tile<T, TW>(g + off, x + off, mu + soff, inv + soff, dx + off, M, C, w);
-    else bwd_cl_tile<T, 0>(g + off, x + off, mu + soff, inv + soff, dx + off, M, C, w);
+Split split_for(Layout layout, int64_t N, int64_t C, int64_t M) {
+  if (layout == Layout::kPlanar) {
+    const int64_t per = M <= kSmallPlane ? M * kLanes : M;
+    const int64_t grain = std::max<int64_t>(1, kTaskElems / per) * (M <= kSmallPlane ? kLanes : 1);
+    return {N * C, grain, 0};
   }
+  const int64_t want = (2 * at::get_num_threads() + N - 1) / N;  // blocks per sample wanted
+  int64_t block = std::min(block_channels<T>(), C);
+  if (want > 1) block = std::min(block, std::max<int64_t>(16, (C / want + 15) / 16 * 16));
+  const int64_t blocks = (C + block - 1) / block;
+  return {N * blocks, std::max<int64_t>(1, kTaskElems / (M * block)), block};
 }
 
-// One out-of-line, multi-versioned entry point per dtype and kernel.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FA_CLONES
 #endif
 
+// One out-of-line, multi-versioned entry point per dtype and direction, over tasks [t0, t1).
 #define FA_KERNELS(T)                                                                          \
-  FA_CLONES void fwd_planar(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M,         \
-                            acc_t<T> lam, int64_t p0, int64_t p1) {                           \
-    fwd_planar_impl<T>(x, y, mu, inv, M, lam, p0, p1);                                        \
+  FA_CLONES void fwd_range(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu,          \
+                           acc_t<T>* inv, Layout layout, int64_t M, int64_t C, int64_t block,  \
+                           acc_t<T> lam, int64_t t0, int64_t t1) {                             \
+    if (layout != Layout::kPlanar) {                                                           \
+      const int64_t blocks = (C + block - 1) / block;                                          \
+      for (int64_t t = t0; t < t1; ++t) {                                                      \
+        const int64_t n = t / blocks, c = (t % blocks) * block;                                \
+        fwd_cl_block<T>(x + n * M * C + c, y + n * M * C + c, mu + n * C + c, inv + n * C + c, \
+                        M, C, std::min(block, C - c), lam);                                    \
+      }                                                                                        \
+    } else if (M <= kSmallPlane) {                                                             \
+      fwd_small_impl<T>(x, y, mu, inv, M, lam, t0, t1);                                        \
+    } else {                                                                                   \
+      fwd_planar_impl<T>(x, y, mu, inv, M, lam, t0, t1);                                       \
+    }                                                                                          \
   }                                                                                            \
-  FA_CLONES void bwd_planar(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,  \
-                            T* __restrict__ dx, int64_t M, int64_t p0, int64_t p1) {                       \
-    bwd_planar_impl<T>(g, x, mu, inv, dx, M, p0, p1);                                         \
-  }                                                                                            \
-  FA_CLONES void fwd_cl(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu, acc_t<T>* inv, int64_t M, int64_t C,  \
-                        acc_t<T> lam, int64_t t0, int64_t t1) {                               \
-    fwd_cl_impl<T>(x, y, mu, inv, M, C, lam, t0, t1);                                         \
-  }                                                                                            \
-  FA_CLONES void bwd_cl(const T* __restrict__ g, const T* __restrict__ x, const acc_t<T>* mu, const acc_t<T>* inv,      \
-                        T* __restrict__ dx, int64_t M, int64_t C, int64_t t0, int64_t t1) {                \
-    bwd_cl_impl<T>(g, x, mu, inv, dx, M, C, t0, t1);                                          \
+  FA_CLONES void bwd_range(const T* __restrict__ g, const T* __restrict__ x,                  \
+                           const acc_t<T>* mu, const acc_t<T>* inv, T* __restrict__ dx,        \
+                           Layout layout, int64_t M, int64_t C, int64_t block, int64_t t0,     \
+                           int64_t t1) {                                                       \
+    if (layout != Layout::kPlanar) {                                                           \
+      const int64_t blocks = (C + block - 1) / block;                                          \
+      for (int64_t t = t0; t < t1; ++t) {                                                      \
+        const int64_t n = t / blocks, c = (t % blocks) * block, o = n * M * C + c;             \
+        bwd_cl_block<T>(g + o, x + o, mu + n * C + c, inv + n * C + c, dx + o, M, C,           \
+                        std::min(block, C - c));                                               \
+      }                                                                                        \
+    } else if (M <= kSmallPlane) {                                                             \
+      bwd_small_impl<T>(g, x, mu, inv, dx, M, t0, t1);                                         \
+    } else {                                                                                   \
+      bwd_planar_impl<T>(g, x, mu, inv, dx, M, t0, t1);                                        \
+    }                                                                                          \
   }
 
 FA_KERNELS(float)
 FA_KERNELS(double)
 FA_KERNELS(at::Half)
 FA_KERNELS(at::BFloat16)
-
-// Work split: planar tasks are planes; channels-last tasks are (sample, channel tile).
-struct Tasks {
-  int64_t count, grain;
-};
-
-template <typename T>
-Tasks tasks_for(Layout layout, int64_t N, int64_t C, int64_t M) {
-  const int64_t per_task = layout == Layout::kPlanar ? M : M * tile_channels<T>();
-  const int64_t count = layout == Layout::kPlanar
-                            ? N * C
-                            : N * ((C + tile_channels<T>() - 1) / tile_channels<T>());
-  return {count, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(per_task, 1))};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simam_forward_cpu(const at::Tensor& x_in,
                                                                  double e_lambda) {
@@ -327,18 +388,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simam_forward_cpu(const at::Tenso
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     A* mup = mu.mutable_data_ptr<A>();
     A* ivp = inv.mutable_data_ptr<A>();
-    const A lam = A(e_lambda);
-    const Tasks t = tasks_for<scalar_t>(layout, N, C, M);
-    at::parallel_for(0, t.count, t.grain, [&](int64_t b, int64_t e) {
-      if (layout == Layout::kPlanar) fwd_planar(xp, yp, mup, ivp, M, lam, b, e);
-      else fwd_cl(xp, yp, mup, ivp, M, C, lam, b, e);
+    const Split s = split_for<scalar_t>(layout, N, C, M);
+    at::parallel_for(0, s.tasks, s.grain, [&](int64_t b, int64_t e) {
+      fwd_range(xp, yp, mup, ivp, layout, M, C, s.block, A(e_lambda), b, e);
     });
   });
   return {y, mu, inv};
 }
 
-at::Tensor simam_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& mu_in,
-                              const at::Tensor& inv_in) {
+at::Tensor simam_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in,
+                              const at::Tensor& mu_in, const at::Tensor& inv_in) {
   check_simam_backward(grad, x_in, mu_in, inv_in);
   const at::Tensor x = readable(x_in);
   const at::Tensor g = in_layout_of(grad, x);
@@ -352,12 +411,10 @@ at::Tensor simam_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, co
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    const A* mup = mu.const_data_ptr<A>();
-    const A* ivp = inv.const_data_ptr<A>();
-    const Tasks t = tasks_for<scalar_t>(layout, N, C, M);
-    at::parallel_for(0, t.count, t.grain, [&](int64_t b, int64_t e) {
-      if (layout == Layout::kPlanar) bwd_planar(gp, xp, mup, ivp, dp, M, b, e);
-      else bwd_cl(gp, xp, mup, ivp, dp, M, C, b, e);
+    const Split s = split_for<scalar_t>(layout, N, C, M);
+    at::parallel_for(0, s.tasks, s.grain, [&](int64_t b, int64_t e) {
+      bwd_range(gp, xp, mu.const_data_ptr<A>(), inv.const_data_ptr<A>(), dp, layout, M, C,
+                s.block, b, e);
     });
   });
   return dx;
