@@ -26,7 +26,7 @@ constexpr double kLog2e = 1.4426950408889634;
 // 2^z for z <= 0 (or NaN) in float: z is clamped at -126, split as n + f with n = round(z) and
 // f in [-1/2, 1/2], and 2^f is a degree-5 polynomial (1.8e-7 relative); 2^n goes straight into
 // the exponent bits. Plain arithmetic and bit casts, so that compilers vectorise it.
-FA_HD float exp2_neg_f32(float z) {
+inline float exp2_neg_f32(float z) {  // host only (devices have exp2f)
   z = z < -126.0f ? -126.0f : z;
   const float t = z + 12582912.0f;  // 1.5 * 2^23: round(z) lands in the low mantissa bits
   const float n = t - 12582912.0f;

@@ -13,7 +13,7 @@ def test_triton_launcher_keeps_fitting_planes_on_chip():
         assert k.config(256, M, channels_last=False, elem_bytes=4).onchip, M
     assert not k.config(2, 130 * 131, channels_last=False, elem_bytes=4).onchip
     assert k.config(256, 49, channels_last=True, elem_bytes=4).onchip
-    for cfg in k.specializations():
+    for _, _, cfg in k.specializations():
         assert cfg.block_p * cfg.block_m <= max(k.ONCHIP_MAX_ELEMS, k.LOOP_BLOCK_ELEMS)
 
 

@@ -29,6 +29,17 @@ LOOP_BLOCK_ELEMS = 4096
 
 
 @triton.jit
+def _sigmoid_energy(d, inv, ACC: tl.constexpr):
+    """sigmoid(e) for e = d^2 inv + 1/2, per plane inv of shape [BLOCK_P]. In fp32 as
+    1 / (1 + 2^z), z = d^2 (-inv log2 e) - log2(e)/2: one multiply-add into exp2."""
+    if ACC == tl.float64:
+        return 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+    else:
+        kz = (inv * -1.4426950408889634)[:, None]
+        return 1.0 / (1.0 + tl.exp2(d * d * kz - 0.7213475204444817))
+
+
+@triton.jit
 def _plane_tile(pid, C, M, s_n, s_c, s_m, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
     """Row offsets (int64, [BLOCK_P, 1]), column offsets (int64, [1, BLOCK_M]), masks and the
     plane index of the tile's planes."""
@@ -78,7 +89,7 @@ def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_
     inv = 1.0 / (4.0 * (m2 / dof + lam))
     if ONCHIP:
         d = x - mean[:, None]
-        s = 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+        s = _sigmoid_energy(d, inv, ACC)
         tl.store(y_ptr + off, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         for m0 in range(0, M, BLOCK_M):
@@ -87,16 +98,16 @@ def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_
             off = base + mm[None, :].to(tl.int64) * s_m
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             d = x - mean[:, None]
-            s = 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+            s = _sigmoid_energy(d, inv, ACC)
             tl.store(y_ptr + off, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mu_ptr + plane, mean, mask=cmask)
     tl.store(inv_ptr + plane, inv, mask=cmask)
 
 
 @triton.jit
-def _simam_bwd_terms(x, g, mean, inv):
+def _simam_bwd_terms(x, g, mean, inv, ACC: tl.constexpr):
     d = x - mean[:, None]
-    s = 1.0 / (1.0 + tl.exp(-(d * d * inv[:, None] + 0.5)))
+    s = _sigmoid_energy(d, inv, ACC)
     a = g * x * s * (1.0 - s)
     return d, s, a
 
@@ -113,7 +124,7 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
         off = base + m[None, :].to(tl.int64) * s_m
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
-        d, s, a = _simam_bwd_terms(x, g, mean, inv)
+        d, s, a = _simam_bwd_terms(x, g, mean, inv, ACC)
         ad = tl.where(mask, a * d, 0.0)
         S1 = tl.sum(ad, axis=1)
         S2 = tl.sum(ad * d, axis=1)
@@ -126,7 +137,7 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
             off = base + mm[None, :].to(tl.int64) * s_m
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
-            d, s, a = _simam_bwd_terms(x, g, mean, inv)
+            d, s, a = _simam_bwd_terms(x, g, mean, inv, ACC)
             ad = tl.where(mask, a * d, 0.0)
             S1 += tl.sum(ad, axis=1)
             S2 += tl.sum(ad * d, axis=1)
@@ -143,7 +154,7 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
             off = base + mm[None, :].to(tl.int64) * s_m
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
-            d, s, a = _simam_bwd_terms(x, g, mean, inv)
+            d, s, a = _simam_bwd_terms(x, g, mean, inv, ACC)
             dx = g * s + inv2 * (a * d - k1) - k2 * d
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -178,17 +189,51 @@ def config(C: int, M: int, channels_last: bool, elem_bytes: int) -> Config:
     return Config(block_p, block_m, onchip, num_warps)
 
 
-def specializations() -> list[Config]:
-    """Every Config the launcher can pick (for ahead-of-time compilation checks)."""
+def specializations() -> list[tuple[bool, int, Config]]:
+    """Every (channels_last, element bytes, Config) the launcher can pick: config() over all
+    channel counts and plane sizes up to 2^24, by powers of two (config depends on them only
+    through _pow2, min and max)."""
     seen = []
     for cl in (False, True):
         for eb in (2, 4, 8):
-            for C in (1, 2, 3, 8, 64, 4096):
+            for c in range(0, 13):
                 for k in range(0, 25):
-                    cfg = config(C, 1 << k, cl, eb)
-                    if cfg not in seen:
-                        seen.append(cfg)
+                    key = (cl, eb, config(1 << c, 1 << k, cl, eb))
+                    if key not in seen:
+                        seen.append(key)
     return seen
+
+
+_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+             torch.float64: "fp64"}
+
+
+def aot_variants():
+    """(name, kernel, signature, constexprs, num_warps) of every compiled form the launchers can
+    produce, for ahead-of-time compilation (``python -m fusedattn.aot``): each specialisation x
+    each dtype of its element size, forward and backward. Pointer and integer arguments are typed
+    as the launcher passes them; the unit stride of the layout (s_m = 1 planar, s_c = 1
+    channels-last) is a constant, as Triton specialises arguments equal to 1."""
+    for cl, eb, cfg in specializations():
+        for dtype in (d for d in _TL_NAMES if torch.empty((), dtype=d).element_size() == eb):
+            t = _TL_NAMES[dtype]
+            st = "fp64" if dtype == torch.float64 else "fp32"
+            unit = "s_c" if cl else "s_m"
+            ints = {k: "i32" for k in ("C", "M", "s_n", "s_c", "s_m", "dof")}
+            ints[unit] = "constexpr"
+            consts = {unit: 1, "BLOCK_P": cfg.block_p, "BLOCK_M": cfg.block_m,
+                      "ONCHIP": cfg.onchip, "ACC": _acc(dtype)}
+            meta = {k: "constexpr" for k in ("BLOCK_P", "BLOCK_M", "ONCHIP", "ACC")}
+            layout = "cl" if cl else "planar"
+            name = f"{t}_{layout}_p{cfg.block_p}_m{cfg.block_m}_{'onchip' if cfg.onchip else 'looped'}"
+            fwd = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "mu_ptr": f"*{st}", "inv_ptr": f"*{st}",
+                   "lam_ptr": f"*{st}", **{k: ints[k] for k in ("C", "M", "s_n", "s_c", "s_m", "dof")},
+                   **meta}
+            bwd = {"g_ptr": f"*{t}", "x_ptr": f"*{t}", "mu_ptr": f"*{st}", "inv_ptr": f"*{st}",
+                   "dx_ptr": f"*{t}", **{k: ints[k] for k in ("C", "M", "s_n", "s_c", "s_m", "dof")},
+                   **meta}
+            yield f"simam_fwd_{name}", _simam_fwd_kernel, fwd, consts, cfg.num_warps
+            yield f"simam_bwd_{name}", _simam_bwd_kernel, bwd, consts, cfg.num_warps
 
 
 def _acc(dtype: torch.dtype):

@@ -1,0 +1,131 @@
+"""Compile every Triton kernel specialisation for real GPUs, without a GPU.
+
+    python -m fusedattn.aot [--arch 80,90] [--filter simam_fwd] [--quiet]
+
+For each target architecture and each variant the launchers can produce (taken from the
+launchers' own ``aot_variants()``), runs Triton's full pipeline to PTX and cubin, then ptxas -v
+on the PTX for the register, spill and shared-memory report, and reads the PTX for the widest
+global load of the kernel. Prints one line per kernel and exits non-zero if any kernel fails to
+compile or spills (local memory).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("fusedattn.aot compiles real GPU code: unset TRITON_INTERPRET")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+KERNEL_MODULES = ("simam",)
+
+
+@dataclass
+class Report:
+    name: str
+    arch: int
+    ok: bool
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    load_width_bits: int = 0
+    error: str = ""
+
+
+def _variants(only: str | None):
+    import importlib
+    for mod_name in KERNEL_MODULES:
+        mod = importlib.import_module(f"fusedattn.triton_kernels.{mod_name}")
+        for v in mod.aot_variants():
+            if only is None or only in v[0]:
+                yield v
+
+
+def _ptxas() -> str:
+    from triton.backends.nvidia import compiler as nv
+    return nv.get_ptxas().path
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes (stores + loads + stack frame) of a PTX module, from ptxas -v."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([_ptxas(), "-v", f"-arch=sm_{arch}", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip())
+    out = r.stderr + r.stdout
+    val = {k: max([int(m) for m in rx.findall(out)] or [0]) for k, rx in _PTXAS_RE.items()}
+    return {"registers": val["registers"],
+            "spill_bytes": val["spill_stores"] + val["spill_loads"] + val["stack"]}
+
+
+def widest_global_load(ptx: str) -> int:
+    """Bits of the widest ld.global in the PTX (e.g. v4.b32 -> 128)."""
+    best = 0
+    for vec, bits in re.findall(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)", ptx):
+        best = max(best, int(vec or 1) * int(bits))
+    return best
+
+
+def compile_one(name, fn, signature, constexprs, num_warps, arch) -> Report:
+    try:
+        src = ASTSource(fn, signature, constexprs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        ptx = k.asm["ptx"]
+        assert k.asm.get("cubin"), "no cubin produced"
+        rep = ptxas_report(ptx, arch)
+        return Report(name, arch, True, rep["registers"], rep["spill_bytes"],
+                      int(getattr(k.metadata, "shared", 0)), widest_global_load(ptx))
+    except Exception as exc:  # report and go on: every failure is listed
+        return Report(name, arch, False, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fusedattn.aot", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="80,90", help="comma list of compute capabilities")
+    ap.add_argument("--filter", default=None, help="only variants whose name contains this")
+    ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    args = ap.parse_args(argv)
+    reports = []
+    for arch in (int(a) for a in args.arch.split(",")):
+        for name, fn, sig, consts, warps in _variants(args.filter):
+            r = compile_one(name, fn, sig, consts, warps, arch)
+            reports.append(r)
+            bad = not r.ok or r.spill_bytes > 0
+            if bad or not args.quiet:
+                line = (f"sm_{arch} {name:60s} " + (
+                    f"regs {r.registers:3d}  spill {r.spill_bytes:4d} B  smem {r.shared_bytes:6d} B"
+                    f"  widest load {r.load_width_bits:3d} bit" if r.ok else f"FAILED {r.error}"))
+                print(line + ("  <-- SPILLS" if r.ok and r.spill_bytes > 0 else ""), flush=True)
+    failed = [r for r in reports if not r.ok]
+    spilled = [r for r in reports if r.ok and r.spill_bytes > 0]
+    fwd = [r for r in reports if r.ok and "_fwd_" in r.name]
+    vec = [r for r in fwd if r.load_width_bits >= 64]
+    print(f"fusedattn.aot: {len(reports)} kernels compiled for sm_{args.arch.replace(',', ', sm_')}: "
+          f"{len(failed)} failed, {len(spilled)} spill; forward kernels with vectorised global "
+          f"loads (>= 64 bit): {len(vec)}/{len(fwd)}")
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
