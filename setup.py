@@ -37,6 +37,17 @@ def _nvidia_include_dirs() -> list[str]:
     return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
 
 
+def _cudart_dirs() -> list[str]:
+    """Directories holding libcudart.so for the link (CUDA_HOME is derived from nvcc's path,
+    which can be a wrapper outside the toolkit)."""
+    roots = [CUDA_HOME, os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    dirs = [str(Path(r) / sub) for r in roots if r for sub in ("lib64", "lib")]
+    found = [d for d in dirs if (Path(d) / "libcudart.so").exists()]
+    if not found:
+        raise SystemExit(f"fusedattn: building the CUDA sources needs libcudart.so; looked in {dirs}")
+    return found[:1]
+
+
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -49,6 +60,7 @@ def _extension():
         return CUDAExtension(
             "fusedattn._C", cpp + cu,
             include_dirs=include_dirs + _nvidia_include_dirs(),
+            library_dirs=_cudart_dirs(),
             extra_compile_args={"cxx": cxx + ["-DFUSEDATTN_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )

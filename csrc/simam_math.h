@@ -58,6 +58,39 @@ FA_HD float exp_neg_energy(float d2, float inv) {
 #endif
 }
 
+// 1 / a and a / b. On CUDA devices in fp64 these use the correctly rounded reciprocal (a fp64
+// divide there calls a slow-path subroutine whose register saves go to local memory).
+FA_HD float recip(float a) { return 1.0f / a; }
+FA_HD float div(float a, float b) { return a / b; }
+FA_HD double recip(double a) {
+#if defined(__CUDA_ARCH__)
+  return __drcp_rn(a);
+#else
+  return 1.0 / a;
+#endif
+}
+// 1 / a for a in [1, 2] (the sigmoid's 1 + exp(-e)). On CUDA devices in fp64: a float
+// reciprocal refined by two fp64 Newton steps, with no slow-path call (the only division inside
+// the per-element loops, where a call would spill live registers).
+FA_HD float recip_1to2(float a) { return 1.0f / a; }
+FA_HD double recip_1to2(double a) {
+#if defined(__CUDA_ARCH__)
+  double r = double(__frcp_rn(float(a)));
+  r = fma(r, fma(-a, r, 1.0), r);
+  return fma(r, fma(-a, r, 1.0), r);
+#else
+  return 1.0 / a;
+#endif
+}
+
+FA_HD double div(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return a * __drcp_rn(b);
+#else
+  return a / b;
+#endif
+}
+
 // n = max(M - 1, 1): the spec's guard for one-element planes.
 template <typename A>
 FA_HD A dof(int64_t M) { return M > 1 ? A(M - 1) : A(1); }
@@ -65,19 +98,25 @@ FA_HD A dof(int64_t M) { return M > 1 ? A(M - 1) : A(1); }
 // inv = 1 / (4 (v + lambda)) from the plane's sum of squared deviations m2.
 template <typename A>
 FA_HD A inv_from_m2(A m2, int64_t M, A e_lambda) {
-  return A(1) / (A(4) * (m2 / dof<A>(M) + e_lambda));
+  return recip(A(4) * (div(m2, dof<A>(M)) + e_lambda));
 }
 
 // Forward output for one element, d = x - mu: y = x sigmoid(e) = x / (1 + exp(-e)).
 template <typename A>
-FA_HD A forward(A x, A d, A inv) { return x / (A(1) + exp_neg_energy(d * d, inv)); }
+FA_HD A forward(A x, A d, A inv) {
+#if defined(__CUDA_ARCH__)
+  return x * recip_1to2(A(1) + exp_neg_energy(d * d, inv));
+#else
+  return x / (A(1) + exp_neg_energy(d * d, inv));
+#endif
+}
 
 // Chan et al. merge of (mean, m2, count) with a chunk's (cmean, cm2, ccount).
 template <typename A>
 FA_HD void chan_merge(A& mean, A& m2, A& count, A cmean, A cm2, A ccount) {
   const A total = count + ccount;
   const A delta = cmean - mean;
-  const A w = ccount / total;
+  const A w = div(ccount, total);
   mean = mean + delta * w;
   m2 = m2 + cm2 + delta * delta * count * w;
   count = total;
@@ -86,7 +125,7 @@ FA_HD void chan_merge(A& mean, A& m2, A& count, A cmean, A cm2, A ccount) {
 // Backward per element: a = g x s (1 - s), with s returned through the reference.
 template <typename A>
 FA_HD A grad_a(A x, A g, A d, A inv, A& s) {
-  s = A(1) / (A(1) + exp_neg_energy(d * d, inv));
+  s = recip_1to2(A(1) + exp_neg_energy(d * d, inv));
   return g * x * s * (A(1) - s);
 }
 
@@ -100,10 +139,10 @@ template <typename A>
 FA_HD A grad_finish(A p, A d, A c0, A k2) { return p - c0 - k2 * d; }
 
 template <typename A>
-FA_HD A grad_c0(A S1, A inv, int64_t M) { return A(2) * inv * S1 / A(M); }
+FA_HD A grad_c0(A S1, A inv, int64_t M) { return div(A(2) * inv * S1, A(M)); }
 
 template <typename A>
-FA_HD A grad_k2(A S2, A inv, int64_t M) { return A(8) * inv * inv * S2 / dof<A>(M); }
+FA_HD A grad_k2(A S2, A inv, int64_t M) { return div(A(8) * inv * inv * S2, dof<A>(M)); }
 
 }  // namespace simam
 }  // namespace fusedattn

@@ -3,7 +3,7 @@
 //
 //  * planar, M <= 32 * kWarpItems:   one warp per plane, the plane in registers
 //  * planar, M <= kBlock * 32:       one block per plane, the plane in registers (ITEMS per thread)
-//  * planar, larger:                 one block per plane, streamed twice (fp64 running statistics)
+//  * planar, larger:                 one block per plane, streamed twice (fp64 shifted sums)
 //  * channels-last: a block is 32 consecutive channels x kRowGroups row groups of one sample;
 //    rows in registers while M <= kRowGroups * 32, else streamed twice.
 //
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kBlock) fwd_planar_onchip(
   A s = 0;
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) s += v[k];
-  const A mean = group_sum<A, WARP>(s, sh) / A(M);
+  const A mean = div(group_sum<A, WARP>(s, sh), A(M));
   A q = 0;
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) { const A d = ok[k] ? v[k] - mean : A(0); q += d * d; }
@@ -137,49 +137,28 @@ __global__ void __launch_bounds__(kBlock) bwd_planar_onchip(
     if (ok[k]) dp[t + int64_t(k) * G] = T(grad_finish(part[k], xv[k] - mean, c0, k2));
 }
 
-// Large planes: statistics streamed once (fp64 per-thread Welford, merged in a fixed order),
-// output streamed a second time.
-__device__ __forceinline__ void welford_block(double& mean, double& m2, double& n, double* sh) {
-  // merge (mean, m2, n) over the block, thread 0's order first; result in every thread
-  sh[threadIdx.x] = mean;
-  sh[kBlock + threadIdx.x] = m2;
-  sh[2 * kBlock + threadIdx.x] = n;
-  __syncthreads();
-  for (int stride = kBlock / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      double a_mean = sh[threadIdx.x], a_m2 = sh[kBlock + threadIdx.x], a_n = sh[2 * kBlock + threadIdx.x];
-      const double b_n = sh[2 * kBlock + threadIdx.x + stride];
-      if (b_n > 0) chan_merge<double>(a_mean, a_m2, a_n, sh[threadIdx.x + stride],
-                                      sh[kBlock + threadIdx.x + stride], b_n);
-      sh[threadIdx.x] = a_mean;
-      sh[kBlock + threadIdx.x] = a_m2;
-      sh[2 * kBlock + threadIdx.x] = a_n;
-    }
-    __syncthreads();
-  }
-  mean = sh[0];
-  m2 = sh[kBlock];
-  n = sh[2 * kBlock];
-}
-
+// Large planes: statistics streamed once, output a second time. Sums are of x - K in fp64, with
+// K = x[0] of the plane (no division in the loop; the shift keeps the variance's cancellation to
+// at most log2(M) bits of fp64).
 template <typename T>
 __global__ void __launch_bounds__(kBlock) fwd_planar_looped(
     const T* __restrict__ x, T* __restrict__ y, acc_t<T>* __restrict__ mu,
     acc_t<T>* __restrict__ inv, int64_t M, acc_t<T> lam) {
   using A = acc_t<T>;
-  __shared__ double sh[3 * kBlock];
+  __shared__ double sh[kBlock / 32];
   const int64_t p = blockIdx.x;
   const T* xp = x + p * M;
-  double mean = 0, m2 = 0, n = 0;
+  const double K = double(xp[0]);
+  double s1 = 0, s2 = 0;
   for (int64_t i = threadIdx.x; i < M; i += kBlock) {
-    const double v = double(xp[i]);
-    n += 1;
-    const double d = v - mean;
-    mean += d / n;
-    m2 += d * (v - mean);
+    const double d = double(xp[i]) - K;
+    s1 += d;
+    s2 += d * d;
   }
-  welford_block(mean, m2, n, sh);
-  const A mn = A(mean), iv = inv_from_m2(A(m2), M, lam);
+  s1 = block_sum(s1, sh);
+  s2 = block_sum(s2, sh);
+  const double mean_shift = div(s1, double(M));
+  const A mn = A(K + mean_shift), iv = inv_from_m2(A(s2 - s1 * mean_shift), M, lam);
   T* yp = y + p * M;
   for (int64_t i = threadIdx.x; i < M; i += kBlock) {
     const A v = A(xp[i]);
@@ -240,9 +219,8 @@ __global__ void __launch_bounds__(kBlock) fwd_cl(
     acc_t<T>* __restrict__ inv, int64_t C, int64_t M, acc_t<T> lam) {
   using A = acc_t<T>;
   __shared__ A sh[kRowGroups][33];
-  __shared__ double shd[3][kRowGroups][33];
-  const int64_t tiles = (C + 31) / 32;
-  const int64_t n = blockIdx.x / tiles, c = (blockIdx.x % tiles) * 32 + threadIdx.x;
+  const uint32_t tiles = uint32_t((C + 31) / 32);  // 32-bit: no division subroutine
+  const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + threadIdx.x;
   const bool cok = c < C;
   const T* xs = x + n * M * C + c;
   T* ys = y + n * M * C + c;
@@ -256,7 +234,7 @@ __global__ void __launch_bounds__(kBlock) fwd_cl(
       v[k] = (cok && r < M) ? A(xs[r * C]) : A(0);
       s += v[k];
     }
-    mean = column_sum(s, sh) / A(M);
+    mean = div(column_sum(s, sh), A(M));
     A q = 0;
 #pragma unroll
     for (int k = 0; k < ROWS; ++k) {
@@ -271,24 +249,19 @@ __global__ void __launch_bounds__(kBlock) fwd_cl(
       if (cok && r < M) ys[r * C] = T(forward(v[k], v[k] - mean, iv));
     }
   } else {
-    double m = 0, m2 = 0, cnt = 0;
+    __shared__ double shd[kRowGroups][33];
+    const double K = cok ? double(xs[0]) : 0.0;  // shift: row 0 of the channel
+    double s1 = 0, s2 = 0;
     if (cok)
       for (int64_t r = threadIdx.y; r < M; r += kRowGroups) {
-        const double v = double(xs[r * C]);
-        cnt += 1;
-        const double d = v - m;
-        m += d / cnt;
-        m2 += d * (v - m);
+        const double d = double(xs[r * C]) - K;
+        s1 += d;
+        s2 += d * d;
       }
-    shd[0][threadIdx.y][threadIdx.x] = m;
-    shd[1][threadIdx.y][threadIdx.x] = m2;
-    shd[2][threadIdx.y][threadIdx.x] = cnt;
-    __syncthreads();
-    double am = 0, am2 = 0, an = 0;
-    for (int r = 0; r < kRowGroups; ++r) {
-      const double bn = shd[2][r][threadIdx.x];
-      if (bn > 0) chan_merge<double>(am, am2, an, shd[0][r][threadIdx.x], shd[1][r][threadIdx.x], bn);
-    }
+    s1 = column_sum(s1, shd);
+    s2 = column_sum(s2, shd);
+    const double mean_shift = div(s1, double(M));
+    const double am = K + mean_shift, am2 = s2 - s1 * mean_shift;
     mean = A(am);
     iv = inv_from_m2(A(am2), M, lam);
     if (cok)
@@ -306,8 +279,8 @@ __global__ void __launch_bounds__(kBlock) bwd_cl(
     const acc_t<T>* __restrict__ inv, T* __restrict__ dx, int64_t C, int64_t M) {
   using A = acc_t<T>;
   __shared__ A sh[kRowGroups][33];
-  const int64_t tiles = (C + 31) / 32;
-  const int64_t n = blockIdx.x / tiles, c = (blockIdx.x % tiles) * 32 + threadIdx.x;
+  const uint32_t tiles = uint32_t((C + 31) / 32);  // 32-bit: no division subroutine
+  const int64_t n = blockIdx.x / tiles, c = int64_t(blockIdx.x % tiles) * 32 + threadIdx.x;
   const bool cok = c < C;
   const int64_t off = n * M * C + c;
   const A mean = cok ? mu[n * C + c] : A(0), iv = cok ? inv[n * C + c] : A(0);
