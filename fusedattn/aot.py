@@ -16,7 +16,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("fusedattn.aot compiles real GPU code: unset TRITON_INTERPRET")
@@ -49,9 +51,9 @@ def _variants(only: str | None):
                 yield v
 
 
-def _ptxas() -> str:
+def _ptxas(arch: int) -> str:
     from triton.backends.nvidia import compiler as nv
-    return nv.get_ptxas().path
+    return nv.get_ptxas(arch).path
 
 
 _PTXAS_RE = {
@@ -64,11 +66,12 @@ _PTXAS_RE = {
 
 def ptxas_report(ptx: str, arch: int) -> dict:
     """Registers, spill bytes (stores + loads + stack frame) of a PTX module, from ptxas -v."""
+    target = re.search(r"\.target (sm_\w+)", ptx).group(1)  # sm_90a for Hopper
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([_ptxas(), "-v", f"-arch=sm_{arch}", src, "-o", os.path.join(d, "k.cubin")],
+        r = subprocess.run([_ptxas(arch), "-v", f"-arch={target}", src, "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip())
@@ -86,9 +89,9 @@ def widest_global_load(ptx: str) -> int:
     return best
 
 
-def compile_one(name, fn, signature, constexprs, num_warps, arch) -> Report:
+def compile_one(name, fn, signature, constexprs, attrs, num_warps, arch) -> Report:
     try:
-        src = ASTSource(fn, signature, constexprs)
+        src = ASTSource(fn, signature, constexprs, attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         ptx = k.asm["ptx"]
         assert k.asm.get("cubin"), "no cubin produced"
@@ -99,18 +102,27 @@ def compile_one(name, fn, signature, constexprs, num_warps, arch) -> Report:
         return Report(name, arch, False, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
 
 
+def _compile_index(job) -> Report:
+    arch, only, i = job
+    name, fn, sig, consts, attrs, warps = list(_variants(only))[i]
+    return compile_one(name, fn, sig, consts, attrs, warps, arch)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fusedattn.aot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="80,90", help="comma list of compute capabilities")
     ap.add_argument("--filter", default=None, help="only variants whose name contains this")
     ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes")
     args = ap.parse_args(argv)
+    count = sum(1 for _ in _variants(args.filter))
+    jobs = [(int(a), args.filter, i) for a in args.arch.split(",") for i in range(count)]
     reports = []
-    for arch in (int(a) for a in args.arch.split(",")):
-        for name, fn, sig, consts, warps in _variants(args.filter):
-            r = compile_one(name, fn, sig, consts, warps, arch)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for r in pool.map(_compile_index, jobs, chunksize=8):
             reports.append(r)
+            arch, name = r.arch, r.name
             bad = not r.ok or r.spill_bytes > 0
             if bad or not args.quiet:
                 line = (f"sm_{arch} {name:60s} " + (

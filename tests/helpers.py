@@ -6,11 +6,9 @@ import torch
 GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-BACKEND_DEVICES = [("cpu", "cpu")]
-if INTERPRET:
-    BACKEND_DEVICES.append(("triton", "cpu"))
-if GPU:
-    BACKEND_DEVICES += [("triton", "cuda"), ("cuda", "cuda")]
+# GPU pairs are always listed: without a GPU they skip, saying so.
+BACKEND_DEVICES = [("cpu", "cpu")] + ([("triton", "cpu")] if INTERPRET else []) + [
+    ("triton", "cuda"), ("cuda", "cuda")]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
 

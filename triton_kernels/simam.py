@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest tile (elements) a program keeps in registers: 16 warps x 32 lanes x 32 values.
-ONCHIP_MAX_ELEMS = 16384
-LOOP_BLOCK_ELEMS = 4096
+MAX_WARPS = 16   # largest program: 512 threads, 128 registers each
+LOOP_WARPS = 4   # program of the looped variants
 
 
 @triton.jit
@@ -175,32 +174,44 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+_BLOCK_M = (16, 64, 256, 512, 1024, 2048, 4096, 8192)  # tile lengths along the plane
+
+
+def per_thread(channels_last: bool, elem_bytes: int) -> int:
+    """Tile elements per thread that the backward (x and dy held at once, 64-bit addresses per
+    element) keeps in 128 registers without spilling, as the AOT check measures: fewer for fp64
+    and for channels-last, whose rows are rarely 16-byte aligned."""
+    return 4 if elem_bytes == 8 else (8 if channels_last else 16)
+
+
 def config(C: int, M: int, channels_last: bool, elem_bytes: int) -> Config:
-    """The launcher's choice for a (C, M) plane set. Planar: one plane per program (several for
-    planes under 512 elements). Channels-last: enough channels per program for 32-byte rows."""
-    if channels_last:
-        block_p = min(_pow2(C), max(1, 32 // elem_bytes))
-    else:
-        block_p = min(_pow2(C), max(1, 512 // _pow2(M)))
-    onchip = block_p * _pow2(M) <= ONCHIP_MAX_ELEMS
-    block_m = _pow2(M) if onchip else max(16, LOOP_BLOCK_ELEMS // block_p)
-    tile = block_p * block_m
-    num_warps = max(1, min(16, tile // 1024 if onchip else 4))
-    return Config(block_p, block_m, onchip, num_warps)
+    """The launcher's choice for planes of M elements. Planar: the shortest tile length from
+    _BLOCK_M that holds the plane, and enough planes per program for 1024-element tiles.
+    Channels-last: 32 bytes of channels per program (a full sector per row). Warps: the tile
+    over per_thread() elements per thread, at most MAX_WARPS; a plane that does not fit is
+    looped in tiles of 4 warps."""
+    pt = per_thread(channels_last, elem_bytes)
+    block_p = max(1, 32 // elem_bytes) if channels_last else 1
+    for block_m in _BLOCK_M:
+        if not channels_last:
+            block_p = max(1, 1024 // block_m)
+        tile = block_p * block_m
+        if block_m >= M and tile <= MAX_WARPS * 32 * pt:
+            return Config(block_p, block_m, True, max(1, min(MAX_WARPS, tile // (32 * pt))))
+    block_p = block_p if channels_last else 1
+    return Config(block_p, max(16, LOOP_WARPS * 32 * pt // block_p), False, LOOP_WARPS)
 
 
 def specializations() -> list[tuple[bool, int, Config]]:
-    """Every (channels_last, element bytes, Config) the launcher can pick: config() over all
-    channel counts and plane sizes up to 2^24, by powers of two (config depends on them only
-    through _pow2, min and max)."""
+    """Every (channels_last, element bytes, Config) the launcher can pick: config() over plane
+    sizes at each boundary of its choice (it depends on M only through the _BLOCK_M steps)."""
     seen = []
     for cl in (False, True):
         for eb in (2, 4, 8):
-            for c in range(0, 13):
-                for k in range(0, 25):
-                    key = (cl, eb, config(1 << c, 1 << k, cl, eb))
-                    if key not in seen:
-                        seen.append(key)
+            for M in (*_BLOCK_M, _BLOCK_M[-1] + 1):
+                key = (cl, eb, config(1, M, cl, eb))
+                if key not in seen:
+                    seen.append(key)
     return seen
 
 
@@ -209,7 +220,7 @@ _TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 
 
 def aot_variants():
-    """(name, kernel, signature, constexprs, num_warps) of every compiled form the launchers can
+    """(name, kernel, signature, constexprs, attrs, num_warps) of every compiled form the launchers can
     produce, for ahead-of-time compilation (``python -m fusedattn.aot``): each specialisation x
     each dtype of its element size, forward and backward. Pointer and integer arguments are typed
     as the launcher passes them; the unit stride of the layout (s_m = 1 planar, s_c = 1
@@ -232,8 +243,14 @@ def aot_variants():
             bwd = {"g_ptr": f"*{t}", "x_ptr": f"*{t}", "mu_ptr": f"*{st}", "inv_ptr": f"*{st}",
                    "dx_ptr": f"*{t}", **{k: ints[k] for k in ("C", "M", "s_n", "s_c", "s_m", "dof")},
                    **meta}
-            yield f"simam_fwd_{name}", _simam_fwd_kernel, fwd, consts, cfg.num_warps
-            yield f"simam_bwd_{name}", _simam_bwd_kernel, bwd, consts, cfg.num_warps
+            for aligned in (True, False):
+                # as the launcher specialises: 16-byte aligned pointers; integer arguments
+                # divisible by 16 (shapes with multiples of 16) or not
+                for kind, kernel, sig in (("fwd", _simam_fwd_kernel, fwd), ("bwd", _simam_bwd_kernel, bwd)):
+                    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items())
+                             if v.startswith("*") or (aligned and v == "i32")}
+                    yield (f"simam_{kind}_{name}_{'div16' if aligned else 'any'}", kernel, sig,
+                           consts, attrs, cfg.num_warps)
 
 
 def _acc(dtype: torch.dtype):
