@@ -388,7 +388,7 @@ def main(argv=None) -> int:
                 f"(fused backend: {fusedattn.last_backend()})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.op}_{device.type}"
+    stem = out / (f"{args.op}_{device.type}" + (f"_{args.backend}" if args.backend else ""))
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
