@@ -78,6 +78,12 @@ FA_INLINE A lane_sum(const T* __restrict__ x, int64_t n, F f) {
 // double (a plane can hold billions of elements, beyond what fp32 running sums keep exact).
 template <typename T, typename A>
 FA_INLINE void planar_stats(const T* __restrict__ x, int64_t n, A& mean_out, A& m2_out) {
+  if (n <= kChunk) {  // one chunk: what the merge below would return, without the merge
+    mean_out = lane_sum<T, A>(x, n, [](A v) { return v; }) / A(n);
+    const A mean = mean_out;
+    m2_out = lane_sum<T, A>(x, n, [mean](A v) { A d = v - mean; return d * d; });
+    return;
+  }
   double mean = 0, m2 = 0, count = 0;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
