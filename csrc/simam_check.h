@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
 
 namespace fusedattn {
 
@@ -17,6 +18,14 @@ inline int64_t plane_size(const at::Tensor& x) {
   int64_t M = 1;
   for (int64_t i = 2; i < x.dim(); ++i) M *= x.size(i);
   return M;
+}
+
+// Outputs of the forward for x in a readable layout: y in x's strides, and mu, inv of shape
+// (N, C) in the statistics dtype (zero-filled: an empty x launches no kernel).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> simam_forward_outputs(const at::Tensor& x) {
+  const auto opts = x.options().dtype(stat_dtype(x.scalar_type()));
+  return {at::empty_like(x), at::zeros({x.size(0), x.size(1)}, opts),
+          at::zeros({x.size(0), x.size(1)}, opts)};
 }
 
 inline void check_simam_input(const at::Tensor& x, double e_lambda) {

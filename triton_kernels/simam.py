@@ -52,14 +52,20 @@ def _plane_tile(pid, C, M, s_n, s_c, s_m, BLOCK_P: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
+def _tile_at(base, m0, m, cmask, M, s_m):
+    """Offsets (int64) and mask of the tile's elements m0 + m of every plane."""
+    mm = m0 + m
+    return base + mm[None, :].to(tl.int64) * s_m, cmask[:, None] & (mm < M)[None, :]
+
+
+@triton.jit
 def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_m, dof,
                       BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ONCHIP: tl.constexpr,
                       ACC: tl.constexpr):
     base, m, cmask, plane = _plane_tile(tl.program_id(0), C, M, s_n, s_c, s_m, BLOCK_P, BLOCK_M)
     lam = tl.load(lam_ptr).to(ACC)
     if ONCHIP:
-        mask = cmask[:, None] & (m < M)[None, :]
-        off = base + m[None, :].to(tl.int64) * s_m
+        off, mask = _tile_at(base, 0, m, cmask, M, s_m)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         mean = tl.sum(x, axis=1) / M
         d = tl.where(mask, x - mean[:, None], 0.0)
@@ -70,11 +76,9 @@ def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_
         m2_64 = tl.zeros([BLOCK_P], tl.float64)
         count = tl.zeros([BLOCK_P], tl.float64)
         for m0 in range(0, M, BLOCK_M):
-            mm = m0 + m
-            mask = cmask[:, None] & (mm < M)[None, :]
-            off = base + mm[None, :].to(tl.int64) * s_m
+            off, mask = _tile_at(base, m0, m, cmask, M, s_m)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-            cnt = tl.sum((mm < M).to(ACC), axis=0)
+            cnt = tl.sum((m0 + m < M).to(ACC), axis=0)
             cmean = tl.sum(x, axis=1) / cnt
             d = tl.where(mask, x - cmean[:, None], 0.0)
             cm2 = tl.sum(d * d, axis=1)
@@ -92,9 +96,7 @@ def _simam_fwd_kernel(x_ptr, y_ptr, mu_ptr, inv_ptr, lam_ptr, C, M, s_n, s_c, s_
         tl.store(y_ptr + off, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         for m0 in range(0, M, BLOCK_M):
-            mm = m0 + m
-            mask = cmask[:, None] & (mm < M)[None, :]
-            off = base + mm[None, :].to(tl.int64) * s_m
+            off, mask = _tile_at(base, m0, m, cmask, M, s_m)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             d = x - mean[:, None]
             s = _sigmoid_energy(d, inv, ACC)
@@ -119,8 +121,7 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
     mean = tl.load(mu_ptr + plane, mask=cmask, other=0.0).to(ACC)
     inv = tl.load(inv_ptr + plane, mask=cmask, other=0.0).to(ACC)
     if ONCHIP:
-        mask = cmask[:, None] & (m < M)[None, :]
-        off = base + m[None, :].to(tl.int64) * s_m
+        off, mask = _tile_at(base, 0, m, cmask, M, s_m)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
         d, s, a = _simam_bwd_terms(x, g, mean, inv, ACC)
@@ -131,9 +132,7 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
         S1 = tl.zeros([BLOCK_P], tl.float64)  # chunk sums added up in fp64
         S2 = tl.zeros([BLOCK_P], tl.float64)
         for m0 in range(0, M, BLOCK_M):
-            mm = m0 + m
-            mask = cmask[:, None] & (mm < M)[None, :]
-            off = base + mm[None, :].to(tl.int64) * s_m
+            off, mask = _tile_at(base, m0, m, cmask, M, s_m)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
             d, s, a = _simam_bwd_terms(x, g, mean, inv, ACC)
@@ -148,9 +147,7 @@ def _simam_bwd_kernel(g_ptr, x_ptr, mu_ptr, inv_ptr, dx_ptr, C, M, s_n, s_c, s_m
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         for m0 in range(0, M, BLOCK_M):
-            mm = m0 + m
-            mask = cmask[:, None] & (mm < M)[None, :]
-            off = base + mm[None, :].to(tl.int64) * s_m
+            off, mask = _tile_at(base, m0, m, cmask, M, s_m)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
             d, s, a = _simam_bwd_terms(x, g, mean, inv, ACC)

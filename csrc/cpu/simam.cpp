@@ -383,9 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simam_forward_cpu(const at::Tenso
   check_simam_input(x_in, e_lambda);
   const at::Tensor x = readable(x_in);
   const int64_t N = x.size(0), C = x.size(1), M = plane_size(x);
-  at::Tensor y = at::empty_like(x);
-  const auto stat_opts = x.options().dtype(stat_dtype(x.scalar_type()));
-  at::Tensor mu = at::zeros({N, C}, stat_opts), inv = at::zeros({N, C}, stat_opts);
+  auto [y, mu, inv] = simam_forward_outputs(x);
   if (x.numel() == 0) return {y, mu, inv};
   const Layout layout = layout_of(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "simam_forward_cpu", [&] {
