@@ -9,9 +9,9 @@ Importing never fails because a backend is missing; asking for that backend does
 """
 from . import reference
 from .dispatch import BackendUnavailable, backends, last_backend, use_backend
-from .modules import SimAM
+from .modules import HAM, SimAM
 from .ops import simam
 
-__all__ = ["SimAM", "simam", "reference", "backends", "use_backend", "last_backend",
+__all__ = ["SimAM", "simam", "HAM", "reference", "backends", "use_backend", "last_backend",
            "BackendUnavailable"]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 NAMES = ("cpu", "cuda", "triton", "eager")
+TRITON_OPS = frozenset({"simam_forward"})  # forward ops that have Triton kernels
 _DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
@@ -96,6 +97,8 @@ def status(name: str, op: str = "simam_forward") -> Status:
             return Status(False, f"no CPU kernel is registered for fusedattn::{op}")
         return Status(True, "C++ kernels, CPU tensors")
     if name == "triton":
+        if op not in TRITON_OPS:
+            return Status(False, f"no Triton kernel for fusedattn::{op} yet")
         err = _triton_import_error()
         if err:
             return Status(False, err)

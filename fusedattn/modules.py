@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import dispatch, reference
 from .ops import simam
+from .ops.ham import ham as ham_op
 from .ops.simam import check_lambda
 
 
@@ -22,3 +24,19 @@ class SimAM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"e_lambda={self.e_lambda}"
+
+
+class HAM(reference.HAM):
+    """Fused HAM (spec/ham.md): the eager reference's constructor, parameters and state_dict
+    (it subclasses ``fusedattn.reference.HAM``, so ``load_state_dict`` moves weights both ways),
+    with the passes over full-size tensors fused (``fusedattn.ops.ham``). Backend ``eager`` runs
+    the reference forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reference.check_ham_input(x, self.channels)
+        if x.numel() == 0:
+            return x.clone()
+        backend = dispatch.select("ham_pool_pixels", x)
+        if backend == "eager":
+            return super().forward(x)
+        return ham_op(self, x)

@@ -53,6 +53,14 @@ def ham_important_channels(channels: int, separation_rate: float) -> int:
     return min(h if h % 2 == 0 else h + 1, channels)
 
 
+def ham_important_mask(a: torch.Tensor, important: int) -> torch.Tensor:
+    """(N, C) bool: the ``important`` channels of largest a per sample, ties to the lower index
+    (a stable descending sort), so that every backend selects the same channels."""
+    order = torch.sort(a.detach(), dim=1, descending=True, stable=True).indices
+    mask = torch.zeros_like(a, dtype=torch.bool)
+    return mask.scatter(1, order[:, :important], True)
+
+
 def check_ham_args(channels, separation_rate, spatial_kernel_size) -> None:
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"HAM: channels must be a positive int, got {channels!r}")
@@ -111,10 +119,7 @@ class HAM(nn.Module):
         return torch.sigmoid(self.conv1d(add.unsqueeze(1))).squeeze(1)
 
     def important_mask(self, a: torch.Tensor) -> torch.Tensor:
-        """(N, C) bool: the C_im channels of largest a per sample, ties to the lower index."""
-        order = torch.sort(a.detach(), dim=1, descending=True, stable=True).indices
-        mask = torch.zeros_like(a, dtype=torch.bool)
-        return mask.scatter(1, order[:, :self.important], True)
+        return ham_important_mask(a, self.important)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_ham_input(x, self.channels)

@@ -1,0 +1,209 @@
+"""Fused HAM against the eager reference (spec/ham.md)."""
+import pytest
+import torch
+from torch import nn
+
+import fusedattn
+from fusedattn import reference
+from helpers import LOW_PRECISION, assert_close64, assert_tolerance
+
+
+def _pair(channels, dtype=torch.float64, train=False, **kw):
+    torch.manual_seed(channels)
+    ref = reference.HAM(channels, **kw).to(dtype)
+    with torch.no_grad():  # parameters away from their initial values
+        ref.alpha.fill_(0.3), ref.beta.fill_(0.8)
+        ref.bn.weight.fill_(1.4), ref.bn.bias.fill_(0.15)
+        ref.bn.running_mean.fill_(0.05), ref.bn.running_var.fill_(1.7)
+    fused = fusedattn.HAM(channels, **kw).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref.train(train), fused.train(train)
+
+
+def _run(m, x, g):
+    y = m(x)
+    grads = torch.autograd.grad(y, [x, *m.parameters()], g)
+    return y, grads
+
+
+CASES = [((3, 16, 7, 9), False), ((3, 16, 7, 9), True), ((2, 2, 5, 6), True),   # C = 2: empty group
+         ((2, 4, 6, 6), True), ((2, 19, 5, 4), False), ((2, 2048, 3, 3), True),     # k = 1, 7
+         ((2, 24, 1, 1), True), ((1, 32, 6, 7), False), ((2, 64, 17, 15), True)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,train", CASES, ids=[f"{'x'.join(map(str, s))}-{'train' if t else 'eval'}"
+                                                    for s, t in CASES])
+def test_fp64_matches_reference(shape, train, channels_last):
+    ref, fused = _pair(shape[1], train=train)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt)
+    y_r, g_r = _run(ref, x, g)
+    y_f, g_f = _run(fused, x, g)
+    assert fusedattn.last_backend("ham_pool_pixels") == "cpu"
+    assert_close64(y_f, y_r, "y")
+    assert y_f.stride() == x.stride() and g_f[0].stride() == x.stride()
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    for name, a, b in zip(names, g_f, g_r):
+        assert_close64(a, b, f"grad {name}")
+    for buf in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(fused.bn, buf), getattr(ref.bn, buf)), buf
+
+
+def test_gradcheck_eval():
+    _, fused = _pair(6)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fused, (x,))
+    assert torch.autograd.gradcheck(lambda a: fused(x.detach()) * a, (fused.alpha,))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_tolerance(dtype):
+    ref, fused = _pair(16)
+    x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    g64 = torch.randn_like(x64)
+    x = x64.to(dtype)
+    y64 = ref(x.double())
+    fused_lp, ref_lp = fusedattn.HAM(16).to(dtype).eval(), reference.HAM(16).to(dtype).eval()
+    fused_lp.load_state_dict(ref.state_dict())
+    ref_lp.load_state_dict(ref.state_dict())
+    y = fused_lp(x)
+    assert y.dtype == dtype
+    assert_tolerance(y, ref_lp(x), y64, f"HAM y {dtype}")
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(fused_lp(xg), xg, g64.to(dtype))
+    x64g = x.double().requires_grad_()
+    (dx64,) = torch.autograd.grad(ref(x64g), x64g, g64.to(dtype).double())
+    xe = x.clone().requires_grad_()
+    (dx_e,) = torch.autograd.grad(ref_lp(xe), xe, g64.to(dtype))
+    assert_tolerance(dx, dx_e, dx64, f"HAM dx {dtype}")
+
+
+def test_ties_select_the_same_channels_as_the_reference():
+    """Identical channels give identical a_c: the split must take the lower indices."""
+    ref, fused = _pair(8, separation_rate=0.5)
+    base = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    x = base.repeat(1, 8, 1, 1).requires_grad_()
+    g = torch.randn_like(x)
+    for a, b in zip(_run(fused, x, g)[1], _run(ref, x, g)[1]):
+        assert_close64(a, b)
+    assert_close64(fused(x), ref(x))
+
+
+def test_max_ties_send_the_gradient_to_the_first_index():
+    ref, fused = _pair(4)
+    x = torch.zeros(1, 4, 4, 4, dtype=torch.float64)
+    x[0, :, 0, 1] = 3.0
+    x[0, :, 2, 2] = 3.0
+    x[0, 1, 3, 3] = -1.0
+    x.requires_grad_()
+    g = torch.randn_like(x)
+    for a, b in zip(_run(fused, x, g)[1], _run(ref, x, g)[1]):
+        assert_close64(a, b)
+
+
+def test_deterministic():
+    _, fused = _pair(32, dtype=torch.float32, train=True)
+    x = torch.randn(2, 32, 9, 9, requires_grad=True)
+    g = torch.randn_like(x)
+    y1, g1 = _run(fused, x, g)
+    y2, g2 = _run(fused, x, g)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_empty_batch_and_eager_backend():
+    _, fused = _pair(8)
+    x = torch.empty(0, 8, 4, 4, dtype=torch.float64)
+    assert fused(x).shape == x.shape
+    ref, fused = _pair(8)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    with fusedattn.use_backend("eager"):
+        assert_close64(fused(x), ref(x))
+    assert fusedattn.last_backend("ham_pool_pixels") == "eager"
+
+
+def test_backends_without_ham_kernels_say_so():
+    assert not fusedattn.dispatch.status("triton", "ham_pool_pixels").available
+    assert "no Triton kernel" in fusedattn.dispatch.status("triton", "ham_pool_pixels").reason
+    x = torch.randn(1, 8, 4, 4)
+    with fusedattn.use_backend("triton"):
+        with pytest.raises(fusedattn.BackendUnavailable, match="ham_pool_pixels"):
+            fusedattn.HAM(8)(x)
+
+
+@pytest.mark.parametrize("x,exc,match", [
+    (torch.ones(2, 8, 4), ValueError, r"\(N, C, H, W\)"),
+    (torch.ones(2, 8, 4, 4, dtype=torch.int32), TypeError, "floating-point"),
+    (torch.ones(2, 7, 4, 4), ValueError, "expected 8 channels"),
+])
+def test_bad_input(x, exc, match):
+    with pytest.raises(exc, match=match):
+        fusedattn.HAM(8)(x)
+
+
+def test_bad_separation_rate():
+    with pytest.raises(ValueError, match="separation_rate"):
+        fusedattn.HAM(8, separation_rate=2.0)
+
+
+def _op_samples():
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    for t in (x, x.to(memory_format=torch.channels_last), x.float()):
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        a = torch.rand(2, 6, dtype=acc)
+        group = torch.tensor([[True, False, True, False, False, True]] * 2)
+        s = torch.rand(2, 2, 15, dtype=acc)
+        d_avg, d_max = torch.randn(2, 2, 15, dtype=acc), torch.randn(2, 2, 15, dtype=acc)
+        _, _, arg_g = torch.ops.fusedattn.ham_pool_channels(t, a, group, 3, 3)
+        _, _, arg_c = torch.ops.fusedattn.ham_pool_pixels(t)
+        dy = torch.randn_like(t)
+        yield t, a, group, s, d_avg, d_max, arg_g, arg_c, dy, acc
+
+
+def test_opcheck_ham_ops():
+    ops = torch.ops.fusedattn
+    for t, a, group, s, d_avg, d_max, arg_g, arg_c, dy, acc in _op_samples():
+        torch.library.opcheck(ops.ham_pool_pixels, (t,))
+        torch.library.opcheck(ops.ham_pool_channels, (t, a, group, 3, 3))
+        torch.library.opcheck(ops.ham_gate, (t, a, s, group))
+        torch.library.opcheck(ops.ham_gate_grad_s, (dy, t, a, group))
+        torch.library.opcheck(ops.ham_grad_a, (t, dy, s, group, d_avg, d_max, arg_g, 3, 3))
+        torch.library.opcheck(ops.ham_grad_x, (dy, a, s, group, d_avg, d_max, arg_g, 3, 3,
+                                               torch.randn(2, 6, dtype=acc),
+                                               torch.randn(2, 6, dtype=acc), arg_c))
+
+
+class Block(nn.Module):
+    """A ResNet basic block with HAM after the last BN, before the identity add (Fig. 4)."""
+
+    def __init__(self, attn, c=16):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.attn = attn(c)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.attn(self.bn2(self.conv2(out))))
+
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_compile_fullgraph_resnet_block(compiler):
+    torch.manual_seed(0)
+    ref = Block(reference.HAM).double()
+    fused = Block(fusedattn.HAM).double()
+    fused.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend=compiler)
+    for train in (True, False):
+        ref.train(train), fused.train(train)
+        ref.zero_grad(), fused.zero_grad()
+        x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+        out, want = compiled(x), ref(x)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        assert_close64(out, want)
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert_close64(p.grad, q.grad, name)
+        assert torch.equal(fused.attn.bn.running_var, ref.attn.bn.running_var)
