@@ -18,7 +18,7 @@ CASES = [(name, mode, provider) for name in bench.SHAPES for mode in bench.MODES
 def test_simam(benchmark, name, mode, provider):
     x = torch.randn(bench.SHAPES[name], device=DEVICE, requires_grad=True)
     g = torch.randn_like(x)
-    f = bench.providers("simam", 1e-4)[provider]
+    f = bench.providers("simam", 1e-4, x)[provider]
     call = bench.mode_callables(f, x, g, with_grad=provider != "clone")[mode]
     bench.time_call(call, DEVICE, 1)  # warm-up / compile
     if isinstance(call, bench.Backward):

@@ -1,6 +1,6 @@
 """Benchmark — the main job: fused vs eager vs torch.compile(eager) vs x.clone() (the floor).
 
-    python -m fusedattn.bench                  # this machine's device, default shapes
+    python -m fusedattn.bench                  # SimAM and HAM on this machine's device
     python -m fusedattn.bench --quick          # fewer repetitions, two shapes
     python -m fusedattn.bench --device cuda --dtypes fp16,bf16,fp32
 
@@ -163,7 +163,7 @@ def _peak_child(spec: str) -> int:
     x.requires_grad_()
     g = torch.randn_like(x)
     out = {}
-    for p, f in providers(c["op"], c["e_lambda"]).items():
+    for p, f in providers(c["op"], c["e_lambda"], x).items():
         calls = mode_callables(f, x, g, with_grad=(p != "clone"))
         out[p] = peak_added_bytes(calls.get("fwd+bwd", calls["fwd"]), x.device)
     print(json.dumps(out))
@@ -172,16 +172,27 @@ def _peak_child(spec: str) -> int:
 
 # ----------------------------------------------------------------------------- the op
 
-def providers(op: str, e_lambda: float):
+OPS = ("simam", "ham")
+
+
+def providers(op: str, e_lambda: float, x: torch.Tensor):
+    """Callables y = f(x) per provider for ``op`` on tensors like x. HAM runs in training mode
+    (BatchNorm on batch statistics), eager, compiled and fused modules sharing one set of
+    weights."""
     import fusedattn
     from fusedattn import reference
-    if op != "simam":
-        raise ValueError(f"unknown op {op!r}")
-    eager = (lambda x: reference.simam(x, e_lambda))
     torch._dynamo.reset()  # a fresh compiled function per shape: no dynamic-shape recompiles
-    compiled = torch.compile(eager, dynamic=False)
-    return {"eager": eager, "compile": compiled,
-            "fused": (lambda x: fusedattn.simam(x, e_lambda)), "clone": (lambda x: x.clone())}
+    if op == "simam":
+        eager = (lambda t: reference.simam(t, e_lambda))
+        fused = (lambda t: fusedattn.simam(t, e_lambda))
+    elif op == "ham":
+        eager = reference.HAM(x.shape[1]).to(x.device, x.dtype).train()
+        fused = fusedattn.HAM(x.shape[1]).to(x.device, x.dtype).train()
+        fused.load_state_dict(eager.state_dict())
+    else:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    return {"eager": eager, "compile": torch.compile(eager, dynamic=False), "fused": fused,
+            "clone": (lambda t: t.clone())}
 
 
 class Backward:
@@ -213,7 +224,7 @@ def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw)
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     g = torch.randn_like(x)
-    fns = providers(op, e_lambda)
+    fns = providers(op, e_lambda, x)
     calls = {p: mode_callables(f, x, g, with_grad=(p != "clone")) for p, f in fns.items()}
     for p in PROVIDERS:  # warm-up (compiles torch.compile's forward and backward graphs)
         t0 = time.perf_counter()
@@ -343,7 +354,7 @@ def plot(rows, path: Path, title: str) -> None:
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m fusedattn.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", default="simam", choices=["simam"])
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default=None,
                     help="comma list of fp16,bf16,fp32,fp64 (default: fp32 on CPU; fp16,bf16,fp32 on GPU)")
@@ -374,37 +385,47 @@ def main(argv=None) -> int:
              for l in args.layouts.split(",")]
     peak_bw = peak_bandwidth(device)
     where = machine(device)
-    log(f"fusedattn.bench: {args.op} on {where}; torch {torch.__version__}; "
-        f"{len(cases)} cases x {len(MODES)} modes x {len(PROVIDERS)} providers, {args.reps} rounds")
-    rows = []
     ctx = fusedattn.use_backend(args.backend) if args.backend else _null()
-    with ctx:
-        for i, (shape, dtype, cl) in enumerate(cases, 1):
-            log(f"[{i}/{len(cases)}] {args.op} {'x'.join(map(str, shape))} {dtype} "
-                f"{'channels_last' if cl else 'contiguous'}")
-            t0 = time.perf_counter()
-            rows += bench_case(args.op, shape, dtype, device, args.reps, cl, args.e_lambda, peak_bw)
-            log(f"    done in {time.perf_counter() - t0:.1f} s "
-                f"(fused backend: {fusedattn.last_backend()})")
+    for op in args.ops.split(","):
+        log(f"fusedattn.bench: {op} on {where}; torch {torch.__version__}; {len(cases)} cases x "
+            f"{len(MODES)} modes x {len(PROVIDERS)} providers, {args.reps} rounds")
+        rows = []
+        with ctx:
+            for i, (shape, dtype, cl) in enumerate(cases, 1):
+                log(f"[{i}/{len(cases)}] {op} {'x'.join(map(str, shape))} {dtype} "
+                    f"{'channels_last' if cl else 'contiguous'}")
+                t0 = time.perf_counter()
+                rows += bench_case(op, shape, dtype, device, args.reps, cl, args.e_lambda, peak_bw)
+                log(f"    done in {time.perf_counter() - t0:.1f} s "
+                    f"(fused backend: {fusedattn.last_backend(FORWARD_OP[op])})")
+        write_results(op, rows, args, device, where, peak_bw)
+    return 0
+
+
+FORWARD_OP = {"simam": "simam_forward", "ham": "ham_pool_pixels"}  # what last_backend reports
+
+
+def write_results(op, rows, args, device, where, peak_bw) -> None:
+    import fusedattn
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"{args.op}_{device.type}" + (f"_{args.backend}" if args.backend else ""))
+    stem = out / (f"{op}_{device.type}" + (f"_{args.backend}" if args.backend else ""))
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     meta = {"command": "python -m fusedattn.bench " + " ".join(sys.argv[1:]), "machine": where,
             "torch": torch.__version__, "device": device.type, "peak_bandwidth_Bps": peak_bw,
-            "fused_backend": fusedattn.last_backend(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "fused_backend": fusedattn.last_backend(FORWARD_OP[op]),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
     with open(f"{stem}.json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     md = table(rows, gpu=device.type == "cuda")
     with open(f"{stem}.md", "w") as f:
         f.write(f"`{meta['command']}` on {where}, torch {torch.__version__}, {meta['date']}\n\n{md}\n")
-    plot(rows, Path(f"{stem}.png"), f"{args.op} on {where}")
-    print(md)
+    plot(rows, Path(f"{stem}.png"), f"{op} on {where}")
+    print(f"\n{op}:\n{md}")
     log(f"wrote {stem}.csv, .json, .md, .png")
-    return 0
 
 
 class _null:

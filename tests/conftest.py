@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Compile from scratch in tests: the on-disk caches of inductor and AOT autograd key on the graph,
+# not on the fake kernels of our ops, so a stale entry could outlive a change to them.
+torch._inductor.config.fx_graph_cache = False  # noqa: E402
+torch._functorch.config.enable_autograd_cache = False  # noqa: E402
+
 import fusedattn  # noqa: E402
 from helpers import BACKEND_DEVICES  # noqa: E402
 

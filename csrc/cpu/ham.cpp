@@ -5,6 +5,8 @@
 // fp64 input). Groups: g(c) in {0 = important, 1 = sub-important}; size[g] channels each.
 //
 // Every output element is produced by one thread in a fixed order: results are deterministic.
+// Argmax indices are int32 (a pixel index < H W, a channel index < C), half the bytes autograd
+// keeps of int64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,6 +36,8 @@ Geom geom(const at::Tensor& x) {
 }
 
 void check_ham_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() != 4 || (x.size(1) < INT32_MAX && x.size(2) * x.size(3) < INT32_MAX), op,
+              ": C and H W must fit int32 argmax indices, got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got ",
               x.scalar_type());
   TORCH_CHECK(x.dim() == 4, op, ": expected (N, C, H, W), got shape ", x.sizes());
@@ -66,14 +70,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) 
   const Geom G = geom(x);
   const auto opts = x.options().dtype(acc_dtype(x));
   at::Tensor mean = at::empty({G.N, G.C}, opts), mx = at::empty({G.N, G.C}, opts);
-  at::Tensor arg = at::empty({G.N, G.C}, x.options().dtype(at::kLong));
+  at::Tensor arg = at::empty({G.N, G.C}, x.options().dtype(at::kInt));
   if (x.numel() == 0) return {mean.zero_(), mx.zero_(), arg.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_pool_pixels", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     A* mp = mean.mutable_data_ptr<A>();
     A* xm = mx.mutable_data_ptr<A>();
-    int64_t* ap = arg.mutable_data_ptr<int64_t>();
+    int32_t* ap = arg.mutable_data_ptr<int32_t>();
     at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 16384 / G.P), [&](int64_t b, int64_t e) {
       for (int64_t q = b; q < e; ++q) {
         const scalar_t* pl = xp + (q / G.C) * G.sN + (q % G.C) * G.sC;
@@ -86,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) 
         }
         mp[q] = s / A(G.P);
         xm[q] = best;
-        ap[q] = bi;
+        ap[q] = int32_t(bi);
       }
     });
   });
@@ -105,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
   check_small(group, x, {G.N, G.C}, at::kBool, "ham_pool_channels: group");
   const auto opts = x.options().dtype(acc_dtype(x));
   at::Tensor avg = at::zeros({G.N, 2, G.P}, opts), mx = at::zeros({G.N, 2, G.P}, opts);
-  at::Tensor arg = at::zeros({G.N, 2, G.P}, x.options().dtype(at::kLong));
+  at::Tensor arg = at::zeros({G.N, 2, G.P}, x.options().dtype(at::kInt));
   if (x.numel() == 0) return {avg, mx, arg};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_pool_channels", [&] {
     using A = acc_t<scalar_t>;
@@ -114,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
     const bool* gp = group.const_data_ptr<bool>();
     A* avp = avg.mutable_data_ptr<A>();
     A* mxp = mx.mutable_data_ptr<A>();
-    int64_t* agp = arg.mutable_data_ptr<int64_t>();
+    int32_t* agp = arg.mutable_data_ptr<int32_t>();
     const A inv0 = size0 ? A(1) / A(size0) : A(0), inv1 = size1 ? A(1) / A(size1) : A(0);
     const int64_t blocks = (G.P + kPixelBlock - 1) / kPixelBlock;
     at::parallel_for(0, G.N * blocks, 1, [&](int64_t b, int64_t e) {
@@ -143,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
             const int64_t o = (n * 2 + g) * G.P + p0 + j;
             avp[o] = sum[g][j] * invg;
             mxp[o] = empty ? A(0) : best[g][j];
-            agp[o] = empty ? 0 : bi[g][j];
+            agp[o] = empty ? 0 : int32_t(bi[g][j]);
           }
         }
       }
@@ -236,7 +240,7 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
     const bool* gp = group.const_data_ptr<bool>();
     const A* avp = d_avg.const_data_ptr<A>();
     const A* mxp = d_max.const_data_ptr<A>();
-    const int64_t* agp = argmax.const_data_ptr<int64_t>();
+    const int32_t* agp = argmax.const_data_ptr<int32_t>();
     A* out = da.mutable_data_ptr<A>();
     at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 8192 / G.P), [&](int64_t b, int64_t e) {
       for (int64_t q = b; q < e; ++q) {
@@ -274,10 +278,10 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
     const bool* gp = group.const_data_ptr<bool>();
     const A* avp = d_avg.const_data_ptr<A>();
     const A* mxp = d_max.const_data_ptr<A>();
-    const int64_t* agp = argmax.const_data_ptr<int64_t>();
+    const int32_t* agp = argmax.const_data_ptr<int32_t>();
     const A* dmc = d_mean_c.const_data_ptr<A>();
     const A* dxc = d_max_c.const_data_ptr<A>();
-    const int64_t* axc = argmax_c.const_data_ptr<int64_t>();
+    const int32_t* axc = argmax_c.const_data_ptr<int32_t>();
     at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 16384 / G.P), [&](int64_t b, int64_t e) {
       for (int64_t q = b; q < e; ++q) {
         const int64_t n = q / G.C, c = q % G.C, o = n * G.sN + c * G.sC;

@@ -18,7 +18,8 @@ Backward (x read twice, dy three times, dx written once, no full-size temporarie
     d_mean_c, d_max_c, d(alpha, beta, conv1d) <- autograd of the small channel branch
     dx = ham_grad_x(dy, a, s, group, d_avg, d_max, argmax_g, d_mean_c, d_max_c, argmax_c)
 
-Autograd keeps x plus small tensors. Maxima send their gradient to the first index attaining
+Autograd keeps x plus small tensors (s is recomputed from the saved pooled maps; argmax indices
+are int32). Maxima send their gradient to the first index attaining
 them; a group's max that is a 0 of a masked-out channel sends none to x. BatchNorm runs through
 the module itself in the forward (running statistics move once per non-empty group, as in the
 reference) and is recomputed from the saved small maps in the backward without touching them.
@@ -46,12 +47,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedattn::ham_pool_pixels")
     def _(x):
         N, C = x.shape[:2]
-        return small(x, N, C), small(x, N, C), small(x, N, C, dtype=torch.long)
+        return small(x, N, C), small(x, N, C), small(x, N, C, dtype=torch.int32)
 
     @torch.library.register_fake("fusedattn::ham_pool_channels")
     def _(x, a, group, size0, size1):
         N, P = x.shape[0], x.shape[2] * x.shape[3]
-        return small(x, N, 2, P), small(x, N, 2, P), small(x, N, 2, P, dtype=torch.long)
+        return small(x, N, 2, P), small(x, N, 2, P), small(x, N, 2, P, dtype=torch.int32)
 
     @torch.library.register_fake("fusedattn::ham_gate")
     def _(x, a, s, group):
@@ -137,20 +138,21 @@ class HAMFunction(torch.autograd.Function):
         training = module.bn.training
         s = spatial_attention(avg, mx, hw, w_sp, _bn_forward(module.bn), sizes)
         y = _op("ham_gate")(x, a, s, group)
-        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, avg, mx, arg_g, s, alpha, beta,
+        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, avg, mx, arg_g, alpha, beta,
                               w1, w_sp, bn_weight, bn_bias)
         ctx.meta = (sizes, hw, training, module.bn)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, mean_c, max_c, arg_c, a, group, avg, mx, arg_g, s, alpha, beta, w1, w_sp, bn_w,
+        (x, mean_c, max_c, arg_c, a, group, avg, mx, arg_g, alpha, beta, w1, w_sp, bn_w,
          bn_b) = ctx.saved_tensors
         sizes, hw, training, bn = ctx.meta
         dy = layout.in_layout_of(dy, x)
         ds = _op("ham_gate_grad_s")(dy, x, a, group)
-        # vjp of the small spatial branch, recomputed (torch.func: traceable by torch.compile)
-        _, vjp_s = torch.func.vjp(
+        # the small spatial branch recomputed (s is not saved) with its vjp (torch.func: traceable
+        # by torch.compile)
+        s, vjp_s = torch.func.vjp(
             lambda av, m, w, bw, bb: spatial_attention(av, m, hw, w, _bn_for_backward(bn, training, bw, bb), sizes),
             avg, mx, w_sp, bn_w, bn_b)
         d_avg, d_max, d_wsp, d_bnw, d_bnb = vjp_s(ds)
