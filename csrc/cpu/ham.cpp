@@ -63,6 +63,31 @@ inline void take_max(A v, int64_t i, A& best, int64_t& arg) {
   if (v > best || (std::isnan(v) && !std::isnan(best))) { best = v; arg = i; }
 }
 
+constexpr int64_t kChannelBlock = 256;  // channels per task of the pixel-reducing passes
+
+// f(c, p, offset) over channels [c0, c1) x pixels [p0, p1) of sample n, in memory order:
+// channel-major for contiguous tensors, pixel-major for channels-last. Channel (pixel) indices
+// rise within each pixel (channel), so "first index" maxima see them in order either way.
+template <typename F>
+inline void for_each_cp(const Geom& G, int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1,
+                        F&& f) {
+  const int64_t base = n * G.sN;
+  if (G.sC == 1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = c0; c < c1; ++c) f(c, p, base + p * G.sP + c);
+  } else {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t p = p0; p < p1; ++p) f(c, p, base + c * G.sC + p);
+  }
+}
+
+// Tasks of (sample, block of channels) or (sample, block of pixels): count and the block range.
+struct Blocks {
+  int64_t per_sample, size;
+  int64_t count(int64_t N) const { return N * per_sample; }
+};
+inline Blocks blocks(int64_t extent, int64_t size) { return {(extent + size - 1) / size, size}; }
+
 // ------------------------------------------------------------------------- pass 1: pixel pooling
 // mean_c, max_c (first argmax) over the P pixels of every (n, c).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) {
@@ -78,19 +103,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) 
     A* mp = mean.mutable_data_ptr<A>();
     A* xm = mx.mutable_data_ptr<A>();
     int32_t* ap = arg.mutable_data_ptr<int32_t>();
-    at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 16384 / G.P), [&](int64_t b, int64_t e) {
-      for (int64_t q = b; q < e; ++q) {
-        const scalar_t* pl = xp + (q / G.C) * G.sN + (q % G.C) * G.sC;
-        A s = 0, best = A(pl[0]);
-        int64_t bi = 0;
-        for (int64_t p = 0; p < G.P; ++p) {
-          const A v = A(pl[p * G.sP]);
-          s += v;
-          take_max(v, p, best, bi);
+    const Blocks B = blocks(G.C, kChannelBlock);
+    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
+      A sum[kChannelBlock], best[kChannelBlock];
+      int64_t bi[kChannelBlock];
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
+        const int64_t c1 = std::min(G.C, c0 + B.size);
+        for (int64_t c = c0; c < c1; ++c) { sum[c - c0] = 0; best[c - c0] = -INFINITY; bi[c - c0] = 0; }
+        for_each_cp(G, n, c0, c1, 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
+          const A v = A(xp[o]);
+          sum[c - c0] += v;
+          take_max(v, p, best[c - c0], bi[c - c0]);
+        });
+        for (int64_t c = c0; c < c1; ++c) {
+          mp[n * G.C + c] = sum[c - c0] / A(G.P);
+          xm[n * G.C + c] = best[c - c0];
+          ap[n * G.C + c] = int32_t(bi[c - c0]);
         }
-        mp[q] = s / A(G.P);
-        xm[q] = best;
-        ap[q] = int32_t(bi);
       }
     });
   });
@@ -120,26 +150,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
     A* mxp = mx.mutable_data_ptr<A>();
     int32_t* agp = arg.mutable_data_ptr<int32_t>();
     const A inv0 = size0 ? A(1) / A(size0) : A(0), inv1 = size1 ? A(1) / A(size1) : A(0);
-    const int64_t blocks = (G.P + kPixelBlock - 1) / kPixelBlock;
-    at::parallel_for(0, G.N * blocks, 1, [&](int64_t b, int64_t e) {
+    const Blocks B = blocks(G.P, kPixelBlock);
+    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
       A sum[2][kPixelBlock], best[2][kPixelBlock];
       int64_t bi[2][kPixelBlock];
       for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / blocks, p0 = (t % blocks) * kPixelBlock;
-        const int64_t np = std::min(kPixelBlock, G.P - p0);
+        const int64_t n = t / B.per_sample, p0 = (t % B.per_sample) * B.size;
+        const int64_t np = std::min(B.size, G.P - p0);
         for (int g = 0; g < 2; ++g)
           for (int64_t j = 0; j < np; ++j) { sum[g][j] = 0; best[g][j] = -INFINITY; bi[g][j] = 0; }
-        for (int64_t c = 0; c < G.C; ++c) {  // channel order: first argmax wins ties
-          const A ac = ap[n * G.C + c];
+        for_each_cp(G, n, 0, G.C, p0, p0 + np, [&](int64_t c, int64_t p, int64_t o) {
           const int gc = gp[n * G.C + c] ? 1 : 0;
-          const scalar_t* row = xp + n * G.sN + c * G.sC + p0 * G.sP;
-          for (int64_t j = 0; j < np; ++j) {
-            const A f = ac * A(row[j * G.sP]);
-            sum[gc][j] += f;
-            take_max(f, c, best[gc][j], bi[gc][j]);
-            take_max(A(0), c, best[1 - gc][j], bi[1 - gc][j]);
-          }
-        }
+          const int64_t j = p - p0;
+          const A f = ap[n * G.C + c] * A(xp[o]);
+          sum[gc][j] += f;
+          take_max(f, c, best[gc][j], bi[gc][j]);
+          take_max(A(0), c, best[1 - gc][j], bi[1 - gc][j]);  // masked-out channels count as 0
+        });
         for (int g = 0; g < 2; ++g) {
           const A invg = g ? inv1 : inv0;
           const bool empty = (g ? size1 : size0) == 0;
@@ -173,13 +200,15 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s, c
     const A* ap = a.const_data_ptr<A>();
     const A* sp = s.const_data_ptr<A>();
     const bool* gp = group.const_data_ptr<bool>();
-    at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 16384 / G.P), [&](int64_t b, int64_t e) {
-      for (int64_t q = b; q < e; ++q) {
-        const int64_t n = q / G.C, c = q % G.C, o = n * G.sN + c * G.sC;
-        const A ac = ap[q];
-        const A* sg = sp + (n * 2 + (gp[q] ? 1 : 0)) * G.P;
-        for (int64_t p = 0; p < G.P; ++p)
-          yp[o + p * G.sP] = scalar_t(sg[p] * ac * A(xp[o + p * G.sP]));
+    const Blocks B = blocks(G.C, kChannelBlock);
+    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
+        const A* s0 = sp + n * 2 * G.P;
+        for_each_cp(G, n, c0, std::min(G.C, c0 + B.size), 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
+          const int64_t q = n * G.C + c;
+          yp[o] = scalar_t(s0[(gp[q] ? G.P : 0) + p] * ap[q] * A(xp[o]));
+        });
       }
     });
   });
@@ -203,20 +232,16 @@ at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     const A* ap = a.const_data_ptr<A>();
     const bool* gp = group.const_data_ptr<bool>();
     A* out = ds.mutable_data_ptr<A>();
-    const int64_t blocks = (G.P + kPixelBlock - 1) / kPixelBlock;
-    at::parallel_for(0, G.N * blocks, 1, [&](int64_t b, int64_t e) {
+    const Blocks B = blocks(G.P, kPixelBlock);
+    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / blocks, p0 = (t % blocks) * kPixelBlock;
-        const int64_t np = std::min(kPixelBlock, G.P - p0);
-        A* o0 = out + (n * 2) * G.P + p0;
-        A* o1 = out + (n * 2 + 1) * G.P + p0;
-        for (int64_t c = 0; c < G.C; ++c) {
-          const A ac = ap[n * G.C + c];
-          A* o = gp[n * G.C + c] ? o1 : o0;
-          const int64_t base = n * G.sN + c * G.sC + p0 * G.sP;
-          for (int64_t j = 0; j < np; ++j)
-            o[j] += A(dp[base + j * G.sP]) * ac * A(xp[base + j * G.sP]);
-        }
+        const int64_t n = t / B.per_sample, p0 = (t % B.per_sample) * B.size;
+        const int64_t p1 = std::min(G.P, p0 + B.size);
+        A* o0 = out + n * 2 * G.P;  // zero-initialised; this task owns pixels [p0, p1)
+        for_each_cp(G, n, 0, G.C, p0, p1, [&](int64_t c, int64_t p, int64_t o) {
+          const int64_t q = n * G.C + c;
+          o0[(gp[q] ? G.P : 0) + p] += A(dp[o]) * ap[q] * A(xp[o]);
+        });
       }
     });
   });
@@ -242,18 +267,21 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
     const A* mxp = d_max.const_data_ptr<A>();
     const int32_t* agp = argmax.const_data_ptr<int32_t>();
     A* out = da.mutable_data_ptr<A>();
-    at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 8192 / G.P), [&](int64_t b, int64_t e) {
-      for (int64_t q = b; q < e; ++q) {
-        const int64_t n = q / G.C, c = q % G.C, o = n * G.sN + c * G.sC;
-        const int g = gp[q] ? 1 : 0;
-        const A invg = A(1) / A(std::max<int64_t>(g ? size1 : size0, 1));
-        const int64_t so = (n * 2 + g) * G.P;
-        A acc = 0;
-        for (int64_t p = 0; p < G.P; ++p) {
-          const A pool = avp[so + p] * invg + (agp[so + p] == c ? mxp[so + p] : A(0));
-          acc += A(xp[o + p * G.sP]) * (A(dp[o + p * G.sP]) * sp[so + p] + pool);
-        }
-        out[q] = acc;
+    const A inv0 = A(1) / A(std::max<int64_t>(size0, 1)), inv1 = A(1) / A(std::max<int64_t>(size1, 1));
+    const Blocks B = blocks(G.C, kChannelBlock);
+    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
+      A acc[kChannelBlock];
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
+        const int64_t c1 = std::min(G.C, c0 + B.size);
+        for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
+        for_each_cp(G, n, c0, c1, 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
+          const bool g = gp[n * G.C + c];
+          const int64_t so = (n * 2 + (g ? 1 : 0)) * G.P + p;
+          const A pool = avp[so] * (g ? inv1 : inv0) + (agp[so] == c ? mxp[so] : A(0));
+          acc[c - c0] += A(xp[o]) * (A(dp[o]) * sp[so] + pool);
+        });
+        for (int64_t c = c0; c < c1; ++c) out[n * G.C + c] = acc[c - c0];
       }
     });
   });
@@ -282,19 +310,22 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
     const A* dmc = d_mean_c.const_data_ptr<A>();
     const A* dxc = d_max_c.const_data_ptr<A>();
     const int32_t* axc = argmax_c.const_data_ptr<int32_t>();
-    at::parallel_for(0, G.N * G.C, std::max<int64_t>(1, 16384 / G.P), [&](int64_t b, int64_t e) {
-      for (int64_t q = b; q < e; ++q) {
-        const int64_t n = q / G.C, c = q % G.C, o = n * G.sN + c * G.sC;
-        const int g = gp[q] ? 1 : 0;
-        const A ac = ap[q], invg = A(1) / A(std::max<int64_t>(g ? size1 : size0, 1));
-        const A base = dmc[q] / A(G.P);
-        const int64_t so = (n * 2 + g) * G.P;
-        for (int64_t p = 0; p < G.P; ++p) {
-          const A pool = avp[so + p] * invg + (agp[so + p] == c ? mxp[so + p] : A(0));
-          A v = A(dp[o + p * G.sP]) * sp[so + p] * ac + ac * pool + base;
+    const A inv0 = A(1) / A(std::max<int64_t>(size0, 1)), inv1 = A(1) / A(std::max<int64_t>(size1, 1));
+    const A invP = A(1) / A(G.P);
+    const Blocks B = blocks(G.C, kChannelBlock);
+    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
+        for_each_cp(G, n, c0, std::min(G.C, c0 + B.size), 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
+          const int64_t q = n * G.C + c;
+          const bool g = gp[q];
+          const int64_t so = (n * 2 + (g ? 1 : 0)) * G.P + p;
+          const A ac = ap[q];
+          const A pool = avp[so] * (g ? inv1 : inv0) + (agp[so] == c ? mxp[so] : A(0));
+          A v = A(dp[o]) * sp[so] * ac + ac * pool + dmc[q] * invP;
           if (p == axc[q]) v += dxc[q];
-          xp[o + p * G.sP] = scalar_t(v);
-        }
+          xp[o] = scalar_t(v);
+        });
       }
     });
   });

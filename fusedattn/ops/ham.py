@@ -13,16 +13,18 @@ BatchNorm, ReLU, sigmoid — stays in torch. Forward (x read three times, y writ
 Backward (x read twice, dy three times, dx written once, no full-size temporaries)::
 
     ds = ham_gate_grad_s(dy, x, a, group)                       # sum over the group's channels
-    d_avg, d_max, d(conv, bn) <- autograd of the small spatial branch, recomputed
+    d_avg, d_max, d(conv, bn) <- spatial_backward (by hand from the saved conv input and output:
+                                 the 7x7 conv is not run again)
     da = ham_grad_a(x, dy, s, group, d_avg, d_max, argmax_g)    # sum over pixels
-    d_mean_c, d_max_c, d(alpha, beta, conv1d) <- autograd of the small channel branch
+    d_mean_c, d_max_c, d(alpha, beta, conv1d) <- vjp of the recomputed small channel branch
     dx = ham_grad_x(dy, a, s, group, d_avg, d_max, argmax_g, d_mean_c, d_max_c, argmax_c)
 
-Autograd keeps x plus small tensors (s is recomputed from the saved pooled maps; argmax indices
-are int32). Maxima send their gradient to the first index attaining
-them; a group's max that is a 0 of a masked-out channel sends none to x. BatchNorm runs through
-the module itself in the forward (running statistics move once per non-empty group, as in the
-reference) and is recomputed from the saved small maps in the backward without touching them.
+Autograd keeps x plus small tensors: per (n, c) the channel statistics, a and the split; per
+(n, pixel) the conv's input and output (s is recomputed from them; argmax indices are int32).
+Maxima send their gradient to the first index attaining them; a group's max that is a 0 of a
+masked-out channel sends none to x. BatchNorm runs through the module itself in the forward
+(running statistics move once per non-empty group, as in the reference); the backward uses the
+same normalisation without touching them. Both groups share one conv call (stacked on the batch).
 """
 from __future__ import annotations
 
@@ -89,38 +91,84 @@ def channel_attention(mean_c, max_c, alpha, beta, w1):
     return torch.sigmoid(F.conv1d(add.unsqueeze(1), w1.to(dt), padding=k // 2)).squeeze(1)
 
 
-def spatial_attention(avg, mx, hw, w_sp, bn_apply, sizes):
-    """s (N, 2, P): per non-empty group g, sigmoid(relu(bn(conv([avg_g, max_g])))); zeros for an
-    empty group (it gates no channel)."""
-    N, _, P = avg.shape
-    dt = avg.dtype
-    out = []
-    for g in (0, 1):
-        if sizes[g] == 0:
-            out.append(avg.new_zeros(N, 1, P))
-            continue
-        z = F.conv2d(torch.stack([avg[:, g], mx[:, g]], 1).view(N, 2, *hw), w_sp.to(dt),
-                     padding=w_sp.shape[-1] // 2)
-        out.append(torch.sigmoid(torch.relu(bn_apply(z))).view(N, 1, P))
-    return torch.cat(out, 1)
+def _groups(sizes):
+    return [g for g in (0, 1) if sizes[g] > 0]
 
 
-def _bn_for_backward(bn, training: bool, weight, bias):
-    """BatchNorm as the forward applied it, without touching the running statistics."""
+def spatial_input(avg, mx, hw, sizes):
+    """The 7x7 conv's input of every non-empty group, stacked along the batch: (G N, 2, H, W)."""
+    N = avg.shape[0]
+    return torch.cat([torch.stack([avg[:, g], mx[:, g]], 1).view(N, 2, *hw) for g in _groups(sizes)])
+
+
+def spatial_logits(inp, w_sp):
+    """z = conv7x7(inp): one convolution for both groups (G N, 1, H, W)."""
+    return F.conv2d(inp, w_sp.to(inp.dtype), padding=w_sp.shape[-1] // 2)
+
+
+def bn_stats(z, bn, training: bool):
+    """(mean, rstd) BatchNorm normalises one group's map z with: its batch statistics in training,
+    the running ones in eval."""
     if training or bn.running_mean is None:
-        return lambda z: F.batch_norm(z, None, None, weight.to(z.dtype), bias.to(z.dtype),
-                                      True, 0.0, bn.eps)
-    rm, rv = bn.running_mean.to(torch.float64), bn.running_var.to(torch.float64)
-    return lambda z: F.batch_norm(z, rm.to(z.dtype), rv.to(z.dtype), weight.to(z.dtype),
-                                  bias.to(z.dtype), False, 0.0, bn.eps)
+        var, mean = torch.var_mean(z, unbiased=False)
+    else:
+        mean, var = bn.running_mean.to(z.dtype)[0], bn.running_var.to(z.dtype)[0]
+    return mean, torch.rsqrt(var + bn.eps)
 
 
-def _bn_forward(bn):
-    """The module's BatchNorm on a small map of the accumulation dtype (statistics update as in
-    the reference: once per call)."""
-    def apply(z):
-        return bn(z.to(bn.weight.dtype)).to(z.dtype)
-    return apply
+def spatial_gates(z, sizes, bn, training: bool, update_stats: bool):
+    """s (N, 2, P) = sigmoid(relu(bn(z_g))) per non-empty group (zeros for an empty one: it gates
+    no channel). With update_stats the module's BatchNorm runs (running statistics move once per
+    group, as in the reference); otherwise the same normalisation without touching them."""
+    groups = _groups(sizes)
+    N = z.shape[0] // len(groups)
+    P = z[0].numel()
+    s = z.new_zeros(N, 2, P)
+    for i, g in enumerate(groups):
+        zg = z[i * N:(i + 1) * N]
+        if update_stats:
+            b = bn(zg.to(bn.weight.dtype)).to(z.dtype)
+        else:
+            mean, rstd = bn_stats(zg, bn, training)
+            b = (zg - mean) * rstd * bn.weight.to(z.dtype) + bn.bias.to(z.dtype)
+        s[:, g] = torch.sigmoid(torch.relu(b)).view(N, P)
+    return s
+
+
+def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
+    """Gradients of the spatial branch, by hand (no recomputation of the 7x7 conv): returns
+    d_avg, d_max (N, 2, P), d_weight of the conv, d_weight and d_bias of the BatchNorm."""
+    groups = _groups(sizes)
+    N = z.shape[0] // len(groups)
+    dt = z.dtype
+    gamma = bn.weight.to(dt)
+    d_gamma = torch.zeros((), dtype=dt, device=z.device)
+    d_beta = torch.zeros((), dtype=dt, device=z.device)
+    dz = []
+    for i, g in enumerate(groups):
+        zg = z[i * N:(i + 1) * N]
+        mean, rstd = bn_stats(zg, bn, training)
+        xhat = (zg - mean) * rstd
+        b = xhat * gamma + bn.bias.to(dt)
+        sg = torch.sigmoid(torch.relu(b))
+        db = ds[:, g].view_as(zg) * sg * (1 - sg) * (b > 0).to(dt)
+        d_gamma = d_gamma + (db * xhat).sum()
+        d_beta = d_beta + db.sum()
+        dxhat = db * gamma
+        if training:
+            dxhat = dxhat - dxhat.mean() - xhat * (dxhat * xhat).mean()
+        dz.append(dxhat * rstd)
+    k = w_sp.shape[-1]
+    d_inp, d_w, _ = torch.ops.aten.convolution_backward(
+        torch.cat(dz), inp, w_sp.to(dt), None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    d_avg = torch.zeros_like(ds)
+    d_max = torch.zeros_like(ds)
+    for i, g in enumerate(groups):
+        part = d_inp[i * N:(i + 1) * N].flatten(2)
+        d_avg[:, g] = part[:, 0]
+        d_max[:, g] = part[:, 1]
+    return d_avg, d_max, d_w, d_gamma, d_beta
 
 
 class HAMFunction(torch.autograd.Function):
@@ -136,33 +184,32 @@ class HAMFunction(torch.autograd.Function):
         group = ~ham_important_mask(a, module.important)  # True: sub-important
         avg, mx, arg_g = _op("ham_pool_channels")(x, a, group, *sizes)
         training = module.bn.training
-        s = spatial_attention(avg, mx, hw, w_sp, _bn_forward(module.bn), sizes)
+        inp = spatial_input(avg, mx, hw, sizes)
+        z = spatial_logits(inp, w_sp)
+        s = spatial_gates(z, sizes, module.bn, training, update_stats=True)
         y = _op("ham_gate")(x, a, s, group)
-        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, avg, mx, arg_g, alpha, beta,
-                              w1, w_sp, bn_weight, bn_bias)
-        ctx.meta = (sizes, hw, training, module.bn)
+        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, z, alpha, beta, w1,
+                              w_sp)
+        ctx.meta = (sizes, training, module.bn)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, mean_c, max_c, arg_c, a, group, avg, mx, arg_g, alpha, beta, w1, w_sp, bn_w,
-         bn_b) = ctx.saved_tensors
-        sizes, hw, training, bn = ctx.meta
+        x, mean_c, max_c, arg_c, a, group, arg_g, inp, z, alpha, beta, w1, w_sp = ctx.saved_tensors
+        sizes, training, bn = ctx.meta
         dy = layout.in_layout_of(dy, x)
+        s = spatial_gates(z, sizes, bn, training, update_stats=False)
         ds = _op("ham_gate_grad_s")(dy, x, a, group)
-        # the small spatial branch recomputed (s is not saved) with its vjp (torch.func: traceable
-        # by torch.compile)
-        s, vjp_s = torch.func.vjp(
-            lambda av, m, w, bw, bb: spatial_attention(av, m, hw, w, _bn_for_backward(bn, training, bw, bb), sizes),
-            avg, mx, w_sp, bn_w, bn_b)
-        d_avg, d_max, d_wsp, d_bnw, d_bnb = vjp_s(ds)
-        d_avg, d_max = d_avg.contiguous(), d_max.contiguous()
+        d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn, training)
         da = _op("ham_grad_a")(x, dy, s, group, d_avg, d_max, arg_g, *sizes)
+        # the small channel branch: vjp of its recomputation (torch.func: traceable by compile)
         _, vjp_a = torch.func.vjp(channel_attention, mean_c, max_c, alpha, beta, w1)
         d_mean, d_maxc, d_alpha, d_beta, d_w1 = vjp_a(da)
         dx = _op("ham_grad_x")(dy, a, s, group, d_avg, d_max, arg_g, *sizes,
                                d_mean.contiguous(), d_maxc.contiguous(), arg_c)
-        return dx, d_alpha, d_beta, d_w1, d_wsp, d_bnw, d_bnb, None
+        return (dx, d_alpha, d_beta, d_w1, d_wsp.to(w_sp.dtype),
+                d_bnw.to(bn.weight.dtype).view_as(bn.weight),
+                d_bnb.to(bn.bias.dtype).view_as(bn.bias), None)
 
 
 def ham(module, x: torch.Tensor) -> torch.Tensor:
