@@ -34,10 +34,6 @@ import torch.nn.functional as F
 from .. import dispatch
 from . import layout
 
-_OPS = ("ham_pool_pixels", "ham_pool_channels", "ham_gate", "ham_gate_grad_s", "ham_grad_a",
-        "ham_grad_x")
-
-
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
