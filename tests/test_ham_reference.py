@@ -1,12 +1,9 @@
 """The eager HAM (fusedattn.reference.HAM): the spec's choices, checked one by one."""
-import math
-
 import pytest
 import torch
 
-from fusedattn import reference
+import fusedattn
 from fusedattn.reference import HAM, ham_important_channels, ham_kernel_size
-
 
 @pytest.mark.parametrize("channels,k", [(4, 1), (16, 3), (32, 3), (64, 3), (128, 5), (256, 5),
                                         (512, 5), (1024, 5), (2048, 7)])
@@ -14,13 +11,11 @@ def test_kernel_size(channels, k):
     assert ham_kernel_size(channels) == k
     assert HAM(channels).conv1d.kernel_size == (k,)
 
-
 @pytest.mark.parametrize("channels,rate,important", [(16, 0.6, 10), (2, 0.6, 2), (3, 0.6, 2),
                                                      (64, 0.6, 38), (5, 0.0, 0), (5, 1.0, 5),
                                                      (7, 1.0, 7), (10, 0.5, 6)])
 def test_important_channels(channels, rate, important):
     assert ham_important_channels(channels, rate) == important
-
 
 def test_state_dict_names_and_shapes():
     sd = HAM(64).state_dict()
@@ -29,7 +24,6 @@ def test_state_dict_names_and_shapes():
     assert sd["alpha"].shape == () and float(sd["alpha"]) == 0.5 and float(sd["beta"]) == 0.5
     assert sd["conv1d.weight"].shape == (1, 1, 3)
     assert sd["spatial_conv.weight"].shape == (1, 2, 7, 7)
-
 
 def _written_out(m: HAM, x: torch.Tensor) -> torch.Tensor:
     """Eqs. (1)-(10) written out per sample with explicit channel lists (an independent
@@ -59,7 +53,6 @@ def _written_out(m: HAM, x: torch.Tensor) -> torch.Tensor:
             out[n, g] = s * f[g]
     return out
 
-
 @pytest.mark.parametrize("channels", [2, 4, 16, 19])
 def test_matches_the_written_out_equations_in_eval(channels):
     torch.manual_seed(1)
@@ -71,7 +64,6 @@ def test_matches_the_written_out_equations_in_eval(channels):
     x = torch.randn(3, channels, 6, 5, dtype=torch.float64)
     torch.testing.assert_close(m(x), _written_out(m, x), rtol=1e-12, atol=1e-12)
 
-
 def test_empty_group_when_two_channels():
     m = HAM(2).double().eval()
     assert m.important == 2
@@ -79,12 +71,10 @@ def test_empty_group_when_two_channels():
     y = m(x)
     assert torch.isfinite(y).all()
 
-
 def test_ties_go_to_the_lower_channel_index():
     m = HAM(4, separation_rate=0.5)  # C_im = 2
     a = torch.tensor([[0.5, 0.7, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]])
     assert m.important_mask(a).tolist() == [[True, True, False, False], [True, True, False, False]]
-
 
 def test_batchnorm_running_statistics_move_twice_per_forward():
     m = HAM(16).double().train()
@@ -94,7 +84,6 @@ def test_batchnorm_running_statistics_move_twice_per_forward():
     m2 = HAM(2).double().train()  # one empty group: one BN call
     m2(torch.randn(2, 2, 5, 5, dtype=torch.float64))
     assert int(m2.bn.num_batches_tracked) == 1
-
 
 def test_max_gradient_goes_to_the_first_index():
     m = HAM(4).double().eval()
@@ -106,22 +95,20 @@ def test_max_gradient_goes_to_the_first_index():
     (g,) = torch.autograd.grad(a.sum(), x)
     assert (g[0, :, 1, 1] != g[0, :, 0, 0]).all()  # the max's gradient reached pixel 0 only
 
-
 def test_gradcheck_eval():
     m = HAM(6).double().eval()
     x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,))
-
 
 @pytest.mark.parametrize("x,exc,match", [
     (torch.ones(2, 8, 4), ValueError, r"\(N, C, H, W\)"),
     (torch.ones(2, 8, 4, 4, dtype=torch.int32), TypeError, "floating-point"),
     (torch.ones(2, 7, 4, 4), ValueError, "expected 8 channels"),
 ])
-def test_bad_input(x, exc, match):
+@pytest.mark.parametrize("cls", [HAM, fusedattn.HAM], ids=["reference", "fused"])
+def test_bad_input(x, exc, match, cls):
     with pytest.raises(exc, match=match):
-        HAM(8)(x)
-
+        cls(8)(x)
 
 @pytest.mark.parametrize("kwargs,match", [({"separation_rate": 1.5}, "separation_rate"),
                                           ({"separation_rate": -0.1}, "separation_rate"),

@@ -2,9 +2,6 @@
 import pytest
 import torch
 
-import fusedattn
-from fusedattn import reference
-
 
 def test_triton_launcher_keeps_fitting_planes_on_chip():
     """The spec's traffic table: a plane that fits on chip is read once (ONCHIP variant)."""
