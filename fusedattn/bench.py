@@ -385,12 +385,20 @@ def main(argv=None) -> int:
              for l in args.layouts.split(",")]
     peak_bw = peak_bandwidth(device)
     where = machine(device)
-    ctx = fusedattn.use_backend(args.backend) if args.backend else _null()
+    def ctx():  # a fresh context manager per use (use_backend's is single-use)
+        return fusedattn.use_backend(args.backend) if args.backend else _null()
+
     for op in args.ops.split(","):
+        try:
+            with ctx():
+                fusedattn.dispatch.select(FORWARD_OP[op], torch.empty(0, device=device))
+        except fusedattn.BackendUnavailable as exc:
+            log(f"fusedattn.bench: skipping {op} on {device.type}: {exc}")
+            continue
         log(f"fusedattn.bench: {op} on {where}; torch {torch.__version__}; {len(cases)} cases x "
             f"{len(MODES)} modes x {len(PROVIDERS)} providers, {args.reps} rounds")
         rows = []
-        with ctx:
+        with ctx():
             for i, (shape, dtype, cl) in enumerate(cases, 1):
                 log(f"[{i}/{len(cases)}] {op} {'x'.join(map(str, shape))} {dtype} "
                     f"{'channels_last' if cl else 'contiguous'}")
