@@ -197,3 +197,18 @@ def test_compile_fullgraph_resnet_block(compiler):
         for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
             assert_close64(p.grad, q.grad, name)
         assert torch.equal(fused.attn.bn.running_var, ref.attn.bn.running_var)
+
+
+def test_ops_check_their_small_arguments():
+    """Direct calls with mismatched small tensors get a clear error, not an out-of-bounds read."""
+    t, a, group, s, d_avg, d_max, arg_g, arg_c, dy, acc = next(_op_samples())
+    ops = torch.ops.fusedattn
+    with pytest.raises(RuntimeError, match="ham_gate_grad_s: a"):
+        ops.ham_gate_grad_s(dy, t, a[:1], group)
+    with pytest.raises(RuntimeError, match="ham_grad_a"):
+        ops.ham_grad_a(t, dy, s, group, d_avg, d_max, arg_g.long(), 3, 3)
+    with pytest.raises(RuntimeError, match="ham_grad_x: argmax_c"):
+        ops.ham_grad_x(dy, a, s, group, d_avg, d_max, arg_g, 3, 3, torch.zeros(2, 6, dtype=acc),
+                       torch.zeros(2, 6, dtype=acc), arg_c[:, :3])
+    with pytest.raises(RuntimeError, match="dy must have x's shape"):
+        ops.ham_gate_grad_s(dy[:1], t, a, group)

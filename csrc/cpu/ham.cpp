@@ -57,6 +57,40 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+void check_like_x(const at::Tensor& dy, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() &&
+                  dy.scalar_type() == x.scalar_type() && dy.device() == x.device(),
+              op, ": dy must have x's shape, strides, dtype and device");
+}
+
+// The (n, g, p) maps of the backward: d_avg, d_max (accumulation type) and the group's argmax.
+void check_pool_grads(const at::Tensor& x, const at::Tensor& group, const at::Tensor& d_avg,
+                      const at::Tensor& d_max, const at::Tensor& argmax, const char* op) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  check_small(group, x, {N, C}, at::kBool, op);
+  check_small(d_avg, x, {N, 2, P}, acc_dtype(x), op);
+  check_small(d_max, x, {N, 2, P}, acc_dtype(x), op);
+  check_small(argmax, x, {N, 2, P}, at::kInt, op);
+}
+
+// The channel pooling's gradient with respect to f = a x at (n, g, p) for channel c:
+// d_avg / size_g + [argmax == c] d_max (a group's max of a masked-out 0 matches no channel of g).
+template <typename A>
+struct PoolGrad {
+  const A* avg;
+  const A* max;
+  const int32_t* arg;
+  A inv[2];
+  PoolGrad(const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& argmax,
+           int64_t size0, int64_t size1)
+      : avg(d_avg.const_data_ptr<A>()), max(d_max.const_data_ptr<A>()),
+        arg(argmax.const_data_ptr<int32_t>()),
+        inv{A(1) / A(std::max<int64_t>(size0, 1)), A(1) / A(std::max<int64_t>(size1, 1))} {}
+  A operator()(int64_t so, int g, int64_t c) const {
+    return avg[so] * inv[g] + (arg[so] == c ? max[so] : A(0));
+  }
+};
+
 // max with the first index that attains it; NaN counts as the largest value (as torch.max).
 template <typename A>
 inline void take_max(A v, int64_t i, A& best, int64_t& arg) {
@@ -221,8 +255,9 @@ at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                        const at::Tensor& group) {
   check_ham_x(x, "ham_gate_grad_s");
   const Geom G = geom(x);
-  TORCH_CHECK(dy.strides() == x.strides() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "ham_gate_grad_s: dy must have x's shape, dtype and strides");
+  check_like_x(dy, x, "ham_gate_grad_s");
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_gate_grad_s: a");
+  check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate_grad_s: group");
   at::Tensor ds = at::zeros({G.N, 2, G.P}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return ds;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_gate_grad_s", [&] {
@@ -255,6 +290,9 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
                   const at::Tensor& argmax, int64_t size0, int64_t size1) {
   check_ham_x(x, "ham_grad_a");
   const Geom G = geom(x);
+  check_like_x(dy, x, "ham_grad_a");
+  check_small(s, x, {G.N, 2, G.P}, acc_dtype(x), "ham_grad_a: s");
+  check_pool_grads(x, group, d_avg, d_max, argmax, "ham_grad_a");
   at::Tensor da = at::zeros({G.N, G.C}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return da;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_grad_a", [&] {
@@ -263,11 +301,8 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
     const scalar_t* dp = dy.const_data_ptr<scalar_t>();
     const A* sp = s.const_data_ptr<A>();
     const bool* gp = group.const_data_ptr<bool>();
-    const A* avp = d_avg.const_data_ptr<A>();
-    const A* mxp = d_max.const_data_ptr<A>();
-    const int32_t* agp = argmax.const_data_ptr<int32_t>();
+    const PoolGrad<A> pool(d_avg, d_max, argmax, size0, size1);
     A* out = da.mutable_data_ptr<A>();
-    const A inv0 = A(1) / A(std::max<int64_t>(size0, 1)), inv1 = A(1) / A(std::max<int64_t>(size1, 1));
     const Blocks B = blocks(G.C, kChannelBlock);
     at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
       A acc[kChannelBlock];
@@ -276,10 +311,9 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
         const int64_t c1 = std::min(G.C, c0 + B.size);
         for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
         for_each_cp(G, n, c0, c1, 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
-          const bool g = gp[n * G.C + c];
-          const int64_t so = (n * 2 + (g ? 1 : 0)) * G.P + p;
-          const A pool = avp[so] * (g ? inv1 : inv0) + (agp[so] == c ? mxp[so] : A(0));
-          acc[c - c0] += A(xp[o]) * (A(dp[o]) * sp[so] + pool);
+          const int g = gp[n * G.C + c] ? 1 : 0;
+          const int64_t so = (n * 2 + g) * G.P + p;
+          acc[c - c0] += A(xp[o]) * (A(dp[o]) * sp[so] + pool(so, g, c));
         });
         for (int64_t c = c0; c < c1; ++c) out[n * G.C + c] = acc[c - c0];
       }
@@ -293,8 +327,14 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
                   const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
                   const at::Tensor& argmax, int64_t size0, int64_t size1,
                   const at::Tensor& d_mean_c, const at::Tensor& d_max_c, const at::Tensor& argmax_c) {
-  TORCH_CHECK(dy.dim() == 4 && layout_of(dy) != Layout::kOther, "ham_grad_x: dy must be readable");
+  check_ham_x(dy, "ham_grad_x");
   const Geom G = geom(dy);
+  check_small(a, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: a");
+  check_small(s, dy, {G.N, 2, G.P}, acc_dtype(dy), "ham_grad_x: s");
+  check_pool_grads(dy, group, d_avg, d_max, argmax, "ham_grad_x");
+  check_small(d_mean_c, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: d_mean_c");
+  check_small(d_max_c, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: d_max_c");
+  check_small(argmax_c, dy, {G.N, G.C}, at::kInt, "ham_grad_x: argmax_c");
   at::Tensor dx = at::empty_like(dy);
   if (dy.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "ham_grad_x", [&] {
@@ -304,13 +344,10 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
     const A* ap = a.const_data_ptr<A>();
     const A* sp = s.const_data_ptr<A>();
     const bool* gp = group.const_data_ptr<bool>();
-    const A* avp = d_avg.const_data_ptr<A>();
-    const A* mxp = d_max.const_data_ptr<A>();
-    const int32_t* agp = argmax.const_data_ptr<int32_t>();
+    const PoolGrad<A> pool(d_avg, d_max, argmax, size0, size1);
     const A* dmc = d_mean_c.const_data_ptr<A>();
     const A* dxc = d_max_c.const_data_ptr<A>();
     const int32_t* axc = argmax_c.const_data_ptr<int32_t>();
-    const A inv0 = A(1) / A(std::max<int64_t>(size0, 1)), inv1 = A(1) / A(std::max<int64_t>(size1, 1));
     const A invP = A(1) / A(G.P);
     const Blocks B = blocks(G.C, kChannelBlock);
     at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
@@ -318,11 +355,10 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
         const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
         for_each_cp(G, n, c0, std::min(G.C, c0 + B.size), 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
           const int64_t q = n * G.C + c;
-          const bool g = gp[q];
-          const int64_t so = (n * 2 + (g ? 1 : 0)) * G.P + p;
+          const int g = gp[q] ? 1 : 0;
+          const int64_t so = (n * 2 + g) * G.P + p;
           const A ac = ap[q];
-          const A pool = avp[so] * (g ? inv1 : inv0) + (agp[so] == c ? mxp[so] : A(0));
-          A v = A(dp[o]) * sp[so] * ac + ac * pool + dmc[q] * invP;
+          A v = A(dp[o]) * sp[so] * ac + ac * pool(so, g, c) + dmc[q] * invP;
           if (p == axc[q]) v += dxc[q];
           xp[o] = scalar_t(v);
         });

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ..reference import ham_important_mask
 from . import layout
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -176,7 +177,6 @@ class HAMFunction(torch.autograd.Function):
         sizes = (module.important, C - module.important)
         mean_c, max_c, arg_c = _op("ham_pool_pixels")(x)
         a = channel_attention(mean_c, max_c, alpha, beta, w1)
-        from ..reference import ham_important_mask
         group = ~ham_important_mask(a, module.important)  # True: sub-important
         avg, mx, arg_g = _op("ham_pool_channels")(x, a, group, *sizes)
         training = module.bn.training
