@@ -15,63 +15,18 @@
 
 #include <cmath>
 
+#include "ham_check.h"
 #include "layout.h"
 
 namespace fusedattn {
 namespace {
 
+using namespace ham;
+
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
 constexpr int64_t kPixelBlock = 256;  // pixels per task of the channel-pooling passes
-
-struct Geom {
-  int64_t N, C, P, sN, sC, sP;
-};
-
-Geom geom(const at::Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  if (layout_of(x) == Layout::kChannelsLast) return {N, C, P, P * C, 1, C};
-  return {N, C, P, C * P, P, 1};
-}
-
-void check_ham_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() != 4 || (x.size(1) < INT32_MAX && x.size(2) * x.size(3) < INT32_MAX), op,
-              ": C and H W must fit int32 argmax indices, got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 4, op, ": expected (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(layout_of(x) != Layout::kOther, op,
-              ": expected a contiguous or channels_last tensor (the Python op makes it so)");
-}
-
-void check_small(const at::Tensor& t, const at::Tensor& x, std::initializer_list<int64_t> shape,
-                 at::ScalarType dtype, const char* what) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == dtype && t.is_contiguous()
-                  && t.device() == x.device(),
-              what, ": expected a contiguous ", dtype, " tensor of shape ", at::IntArrayRef(shape),
-              ", got ", t.scalar_type(), " ", t.sizes());
-}
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_like_x(const at::Tensor& dy, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() &&
-                  dy.scalar_type() == x.scalar_type() && dy.device() == x.device(),
-              op, ": dy must have x's shape, strides, dtype and device");
-}
-
-// The (n, g, p) maps of the backward: d_avg, d_max (accumulation type) and the group's argmax.
-void check_pool_grads(const at::Tensor& x, const at::Tensor& group, const at::Tensor& d_avg,
-                      const at::Tensor& d_max, const at::Tensor& argmax, const char* op) {
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  check_small(group, x, {N, C}, at::kBool, op);
-  check_small(d_avg, x, {N, 2, P}, acc_dtype(x), op);
-  check_small(d_max, x, {N, 2, P}, acc_dtype(x), op);
-  check_small(argmax, x, {N, 2, P}, at::kInt, op);
-}
 
 // The channel pooling's gradient with respect to f = a x at (n, g, p) for channel c:
 // d_avg / size_g + [argmax == c] d_max (a group's max of a masked-out 0 matches no channel of g).
