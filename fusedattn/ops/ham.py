@@ -13,14 +13,15 @@ BatchNorm, ReLU, sigmoid — stays in torch. Forward (x read three times, y writ
 Backward (x read twice, dy three times, dx written once, no full-size temporaries)::
 
     ds = ham_gate_grad_s(dy, x, a, group)                       # sum over the group's channels
-    d_avg, d_max, d(conv, bn) <- spatial_backward (by hand from the saved conv input and output:
-                                 the 7x7 conv is not run again)
+    z = conv7x7(saved conv input); d_avg, d_max, d(conv, bn) <- spatial_backward (by hand; the
+                                 input's gradient as a conv with the flipped kernel)
     da = ham_grad_a(x, dy, s, group, d_avg, d_max, argmax_g)    # sum over pixels
     d_mean_c, d_max_c, d(alpha, beta, conv1d) <- vjp of the recomputed small channel branch
     dx = ham_grad_x(dy, a, s, group, d_avg, d_max, argmax_g, d_mean_c, d_max_c, argmax_c)
 
 Autograd keeps x plus small tensors: per (n, c) the channel statistics, a and the split; per
-(n, pixel) the conv's input and output (s is recomputed from them; argmax indices are int32).
+(n, pixel) the conv's input and the groups' argmax (int32); the conv's output z and s are
+recomputed from them (one small conv).
 Maxima send their gradient to the first index attaining them; a group's max that is a 0 of a
 masked-out channel sends none to x. BatchNorm runs through the module itself in the forward
 (running statistics move once per non-empty group, as in the reference); the backward uses the
@@ -133,7 +134,7 @@ def spatial_gates(z, sizes, bn, training: bool, update_stats: bool):
 
 
 def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
-    """Gradients of the spatial branch, by hand (no recomputation of the 7x7 conv): returns
+    """Gradients of the spatial branch, by hand from the conv's input and output z: returns
     d_avg, d_max (N, 2, P), d_weight of the conv, d_weight and d_bias of the BatchNorm."""
     groups = _groups(sizes)
     N = z.shape[0] // len(groups)
@@ -156,9 +157,13 @@ def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
             dxhat = dxhat - dxhat.mean() - xhat * (dxhat * xhat).mean()
         dz.append(dxhat * rstd)
     k = w_sp.shape[-1]
-    d_inp, d_w, _ = torch.ops.aten.convolution_backward(
-        torch.cat(dz), inp, w_sp.to(dt), None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
-        [True, True, False])
+    dz = torch.cat(dz)
+    w = w_sp.to(dt)
+    # grad of the input: the same-padded conv of dz with the flipped, transposed kernel (oneDNN's
+    # convolution_backward for the input is ~10x slower than this forward conv on CPU)
+    d_inp = F.conv2d(dz, w.flip(-1, -2).transpose(0, 1), padding=k // 2)
+    _, d_w, _ = torch.ops.aten.convolution_backward(
+        dz, inp, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False])
     d_avg = torch.zeros_like(ds)
     d_max = torch.zeros_like(ds)
     for i, g in enumerate(groups):
@@ -184,16 +189,16 @@ class HAMFunction(torch.autograd.Function):
         z = spatial_logits(inp, w_sp)
         s = spatial_gates(z, sizes, module.bn, training, update_stats=True)
         y = _op("ham_gate")(x, a, s, group)
-        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, z, alpha, beta, w1,
-                              w_sp)
+        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp)
         ctx.meta = (sizes, training, module.bn)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_c, max_c, arg_c, a, group, arg_g, inp, z, alpha, beta, w1, w_sp = ctx.saved_tensors
+        x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp = ctx.saved_tensors
         sizes, training, bn = ctx.meta
         dy = layout.in_layout_of(dy, x)
+        z = spatial_logits(inp, w_sp)  # recomputed: cheaper than keeping it (2 maps per sample)
         s = spatial_gates(z, sizes, bn, training, update_stats=False)
         ds = _op("ham_gate_grad_s")(dy, x, a, group)
         d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn, training)
