@@ -1,18 +1,29 @@
 // The heavy passes of HAM (spec/ham.md) on CPU tensors: everything that touches a full-size
-// tensor, for forward and backward. Element (n, c, p) of a tensor in a readable layout lies at
-// n sN + c sC + p sP (contiguous: sC = P, sP = 1; channels-last: sC = 1, sP = C). Small tensors
-// (indexed by (n, c) or (n, g, p)) are contiguous, in the accumulation type A (fp32; fp64 for
-// fp64 input). Groups: g(c) in {0 = important, 1 = sub-important}; size[g] channels each.
+// tensor, for forward and backward (csrc/ham_check.h: layouts, small tensors, checks). Groups:
+// g(c) in {0 = important, 1 = sub-important}; size[g] channels each.
 //
-// Every output element is produced by one thread in a fixed order: results are deterministic.
-// Argmax indices are int32 (a pixel index < H W, a channel index < C), half the bytes autograd
-// keeps of int64.
+// Every loop runs along the unit-stride dimension in fixed-width lanes that the compiler turns
+// into vectors (built for AVX-512, AVX2 and baseline x86-64, picked at load time), with a fixed
+// combining order: results do not depend on the thread count. Work shapes:
+//
+//  * reductions over pixels (pool_pixels, grad_a): contiguous, a task is a run of (n, c) rows,
+//    reduced in kLanes lanes; channels-last, a task is (n, block of channels), one accumulator
+//    per channel across the pixel rows.
+//  * reductions over channels (pool_channels, gate_grad_s): contiguous, a task is (n, block of
+//    pixels), one accumulator per pixel across the channel rows; channels-last, a task is a run
+//    of pixel rows, each reduced in kLanes lanes.
+//  * elementwise (gate, grad_x): runs of rows in memory order.
+//
+// Maxima take the first index attaining them, NaN counting as the largest value (as torch.max):
+// lanes keep their first maximum, and lanes combine by value, then by the lower index.
+// Argmax indices are int32 (a pixel index < H W, a channel index < C).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "ham_check.h"
@@ -26,59 +37,523 @@ using namespace ham;
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
-constexpr int64_t kPixelBlock = 256;  // pixels per task of the channel-pooling passes
+constexpr int kLanes = 16;               // lanes of the row reductions
+constexpr int64_t kPixelBlock = 256;     // pixels per task of the contiguous channel reductions
+constexpr int64_t kChannelBlock = 256;   // channels per task of the channels-last pixel reductions
+constexpr int64_t kTaskElems = 1 << 15;  // least work handed to one thread
+constexpr int64_t kShortRow = 256;       // contiguous rows up to this length: a lane per row
 
-// The channel pooling's gradient with respect to f = a x at (n, g, p) for channel c:
+#define FA_INLINE inline __attribute__((always_inline))
+#define FA_INLINE_LAMBDA __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FA_CLONES
+#endif
+
+// Channels-last work shapes (also for 1x1 maps, where both layouts are the same memory).
+FA_INLINE bool is_cl(const Geom& G) { return G.sC == 1; }
+
+// ------------------------------------------------------------------------- element steps
+
+// v replaces the running maximum: larger, or NaN over a number; ties keep the earlier index.
+template <typename A>
+FA_INLINE bool beats(A v, A best) {
+  return v > best || (v != v && best == best);
+}
+
+template <typename A>
+FA_INLINE void take(A v, int32_t i, A& best, int32_t& arg) {
+  const bool u = beats(v, best);
+  best = u ? v : best;
+  arg = u ? i : arg;
+}
+
+// (b, j) replaces (best, arg): a larger value (NaN largest), or the same one at a lower index.
+template <typename A>
+FA_INLINE bool better(A b, int32_t j, A best, int32_t arg) {
+  const bool same = b == best || (b != b && best != best);
+  return beats(b, best) || (same && j < arg);
+}
+
+// Lane combines (fixed order, halving).
+template <typename A>
+FA_INLINE A tree_sum(A* acc) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// The best lane, in lane order (branch-free: cheaper than a tree for one row).
+template <typename A>
+FA_INLINE void best_lane(const A* mx, const int32_t* ix, A& best, int32_t& arg) {
+  best = mx[0];
+  arg = ix[0];
+  for (int l = 1; l < kLanes; ++l) {
+    const bool u = better(mx[l], ix[l], best, arg);
+    best = u ? mx[l] : best;
+    arg = u ? ix[l] : arg;
+  }
+}
+
+// Lane l of a row reduction starts at (-inf, l): a lane that sees only -inf (or nothing) keeps
+// its own first index, so an all -inf row gives index 0.
+template <typename A>
+FA_INLINE void lanes_init(A* mx, int32_t* ix) {
+  for (int l = 0; l < kLanes; ++l) { mx[l] = -INFINITY; ix[l] = l; }
+}
+
+// The channel pooling's gradient with respect to f = a x at (n, g, p), for channel c of g:
 // d_avg / size_g + [argmax == c] d_max (a group's max of a masked-out 0 matches no channel of g).
 template <typename A>
-struct PoolGrad {
-  const A* avg;
-  const A* max;
-  const int32_t* arg;
-  A inv[2];
-  PoolGrad(const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& argmax,
-           int64_t size0, int64_t size1)
-      : avg(d_avg.const_data_ptr<A>()), max(d_max.const_data_ptr<A>()),
-        arg(argmax.const_data_ptr<int32_t>()),
-        inv{A(1) / A(std::max<int64_t>(size0, 1)), A(1) / A(std::max<int64_t>(size1, 1))} {}
-  A operator()(int64_t so, int g, int64_t c) const {
-    return avg[so] * inv[g] + (arg[so] == c ? max[so] : A(0));
-  }
-};
+FA_INLINE A pool_grad(A d_avg_scaled, int32_t arg, A d_max, int32_t c) {
+  return d_avg_scaled + (arg == c ? d_max : A(0));
+}
 
-// max with the first index that attains it; NaN counts as the largest value (as torch.max).
+// Per-group pointers into an (N, 2, P) map for sample n.
 template <typename A>
-inline void take_max(A v, int64_t i, A& best, int64_t& arg) {
-  if (v > best || (std::isnan(v) && !std::isnan(best))) { best = v; arg = i; }
-}
+FA_INLINE const A* map_of(const A* m, int64_t n, int h, int64_t P) { return m + (n * 2 + h) * P; }
 
-constexpr int64_t kChannelBlock = 256;  // channels per task of the pixel-reducing passes
+// What every pass knows of x and the small tensors. Unused fields stay null.
+template <typename T>
+struct Pass {
+  using A = acc_t<T>;
+  Geom G;
+  const T* x = nullptr;
+  const T* dy = nullptr;
+  T* out = nullptr;               // y or dx
+  const A* a = nullptr;           // (N, C)
+  const uint8_t* group = nullptr;  // (N, C), bool as bytes (vectorises; bool loads do not)
+  const A* s = nullptr;           // (N, 2, P)
+  const A* d_avg = nullptr;       // (N, 2, P)
+  const A* d_max = nullptr;       // (N, 2, P)
+  const int32_t* argmax = nullptr;  // (N, 2, P)
+  const A* d_mean_c = nullptr;    // (N, C)
+  const A* d_max_c = nullptr;     // (N, C)
+  const int32_t* argmax_c = nullptr;  // (N, C)
+  A inv[2] = {A(0), A(0)};        // 1 / size_g (0 for an empty group)
+  bool empty[2] = {false, false};
+  A* r0 = nullptr;                // reduction outputs
+  A* r1 = nullptr;
+  int32_t* ri = nullptr;
+};
 
-// f(c, p, offset) over channels [c0, c1) x pixels [p0, p1) of sample n, in memory order:
-// channel-major for contiguous tensors, pixel-major for channels-last. Channel (pixel) indices
-// rise within each pixel (channel), so "first index" maxima see them in order either way.
-template <typename F>
-inline void for_each_cp(const Geom& G, int64_t n, int64_t c0, int64_t c1, int64_t p0, int64_t p1,
-                        F&& f) {
-  const int64_t base = n * G.sN;
-  if (G.sC == 1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t c = c0; c < c1; ++c) f(c, p, base + p * G.sP + c);
-  } else {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t p = p0; p < p1; ++p) f(c, p, base + c * G.sC + p);
+struct Tile {
+  int64_t n, p0, np;
+};
+
+enum class Op { kPoolPixels, kPoolChannels, kGate, kGateGradS, kGradA, kGradX };
+
+// ------------------------------------------------------------------- pass 1: pixel pooling
+// mean_c, max_c (first argmax) over the P pixels of every (n, c). r0 = mean, r1 = max, ri = arg.
+
+template <typename T>
+FA_INLINE void pool_pixels_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // contiguous
+  using A = acc_t<T>;
+  const int64_t P = k.G.P;
+  int64_t r = t0;
+  if (P <= kShortRow) {  // kLanes rows at once, a lane per row: no combine across lanes
+    for (; r + kLanes <= t1; r += kLanes) {
+      const T* __restrict__ x = k.x + r * P;
+      alignas(64) A s[kLanes] = {}, m[kLanes];
+      alignas(64) int32_t ix[kLanes] = {};
+      for (int l = 0; l < kLanes; ++l) m[l] = -INFINITY;
+      for (int64_t i = 0; i < P; ++i)
+        for (int l = 0; l < kLanes; ++l) {
+          const A v = A(x[l * P + i]);
+          s[l] += v;
+          take(v, int32_t(i), m[l], ix[l]);
+        }
+      for (int l = 0; l < kLanes; ++l) {
+        k.r0[r + l] = s[l] / A(P);
+        k.r1[r + l] = m[l];
+        k.ri[r + l] = ix[l];
+      }
+    }
+  }
+  for (; r < t1; ++r) {  // a row in kLanes lanes
+    const T* __restrict__ x = k.x + r * P;
+    alignas(64) A s[kLanes] = {}, m[kLanes];
+    alignas(64) int32_t ix[kLanes];
+    lanes_init(m, ix);
+    int64_t i = 0;
+    for (; i + kLanes <= P; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const A v = A(x[i + l]);
+        s[l] += v;
+        take(v, int32_t(i + l), m[l], ix[l]);
+      }
+    for (int l = 0; i + l < P; ++l) {
+      const A v = A(x[i + l]);
+      s[l] += v;
+      take(v, int32_t(i + l), m[l], ix[l]);
+    }
+    best_lane(m, ix, k.r1[r], k.ri[r]);
+    k.r0[r] = tree_sum(s) / A(P);
   }
 }
 
-// Tasks of (sample, block of channels) or (sample, block of pixels): count and the block range.
-struct Blocks {
-  int64_t per_sample, size;
-  int64_t count(int64_t N) const { return N * per_sample; }
-};
-inline Blocks blocks(int64_t extent, int64_t size) { return {(extent + size - 1) / size, size}; }
+template <typename T>
+FA_INLINE void pool_pixels_blocks(const Pass<T>& k, int64_t t0, int64_t t1) {  // channels-last
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  const int64_t blocks = (G.C + kChannelBlock - 1) / kChannelBlock;
+  alignas(64) A s[kChannelBlock], m[kChannelBlock];
+  alignas(64) int32_t ix[kChannelBlock];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock;
+    const int64_t nc = std::min(kChannelBlock, G.C - c0);
+    for (int64_t j = 0; j < nc; ++j) { s[j] = 0; m[j] = -INFINITY; ix[j] = 0; }
+    for (int64_t p = 0; p < G.P; ++p) {
+      const T* __restrict__ x = k.x + n * G.sN + p * G.C + c0;
+      for (int64_t j = 0; j < nc; ++j) {
+        const A v = A(x[j]);
+        s[j] += v;
+        take(v, int32_t(p), m[j], ix[j]);
+      }
+    }
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t q = n * G.C + c0 + j;
+      k.r0[q] = s[j] / A(G.P);
+      k.r1[q] = m[j];
+      k.ri[q] = ix[j];
+    }
+  }
+}
 
-// ------------------------------------------------------------------------- pass 1: pixel pooling
-// mean_c, max_c (first argmax) over the P pixels of every (n, c).
+// ------------------------------------------------------------------ pass 2: channel pooling
+// Per (n, g, p): avg = sum_{c in g} a_c x / size_g; max over all c of (g(c) == g ? a_c x : 0),
+// first argmax. Groups with no channels give zeros. r0 = avg, r1 = max, ri = arg.
+
+// A tile is np pixels [p0, p0 + np) of sample n, one accumulator per pixel, reduced over the
+// channels in order: contiguous tiles are up to kPixelBlock pixels (rows of a channel are
+// contiguous); channels-last tiles are kLanes pixels read at stride C (the tile stays in L1).
+template <bool CL>
+FA_INLINE int64_t tile_pixels() { return CL ? kLanes : kPixelBlock; }
+
+template <bool CL>
+FA_INLINE Tile tile_of(const Geom& G, int64_t t) {
+  const int64_t per = (G.P + tile_pixels<CL>() - 1) / tile_pixels<CL>();
+  const int64_t n = t / per, p0 = (t % per) * tile_pixels<CL>();
+  return {n, p0, std::min(tile_pixels<CL>(), G.P - p0)};
+}
+
+// The first channel of each group of sample n: where a masked-out 0 first enters the other
+// group's max (later zeros never beat it).
+FA_INLINE void first_channels(const uint8_t* g, int64_t C, int64_t first[2]) {
+  first[0] = first[1] = -1;
+  for (int64_t c = 0; c < C && (first[0] < 0 || first[1] < 0); ++c)
+    if (first[g[c]] < 0) first[g[c]] = c;
+}
+
+// One channel of a tile into its group's sums and maxima (x at stride `step` along pixels).
+template <typename T, typename A>
+FA_INLINE void pool_step(const T* __restrict__ x, int64_t step, A ac, int32_t c, int64_t np,
+                         A* __restrict__ s, A* __restrict__ m, int32_t* __restrict__ ix) {
+  for (int64_t j = 0; j < np; ++j) {
+    const A f = ac * A(x[j * step]);
+    s[j] += f;
+    take(f, c, m[j], ix[j]);
+  }
+}
+
+template <typename T, bool CL>
+FA_INLINE void pool_channels_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  alignas(64) A s[2][kPixelBlock], m[2][kPixelBlock];
+  alignas(64) int32_t ix[2][kPixelBlock];
+  for (int64_t t = t0; t < t1; ++t) {
+    const Tile tl = tile_of<CL>(G, t);
+    const int64_t np = CL ? kLanes : tl.np;  // full channels-last tiles: a constant width
+    const uint8_t* g = k.group + tl.n * G.C;
+    const A* a = k.a + tl.n * G.C;
+    int64_t first[2];
+    first_channels(g, G.C, first);
+    for (int h = 0; h < 2; ++h)
+      for (int64_t j = 0; j < tile_pixels<CL>(); ++j) { s[h][j] = 0; m[h][j] = -INFINITY; ix[h][j] = 0; }
+    const T* x = k.x + tl.n * G.sN + tl.p0 * G.sP;
+    for (int64_t c = 0; c < G.C; ++c) {
+      const int h = g[c];
+      if (CL && tl.np == kLanes)
+        pool_step(x + c, G.C, a[c], int32_t(c), kLanes, s[h], m[h], ix[h]);
+      else
+        pool_step(x + c * G.sC, G.sP, a[c], int32_t(c), tl.np, s[h], m[h], ix[h]);
+      if (c == first[h])
+        for (int64_t j = 0; j < np; ++j) take(A(0), int32_t(c), m[1 - h][j], ix[1 - h][j]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t o = (tl.n * 2 + h) * G.P + tl.p0;
+      for (int64_t j = 0; j < tl.np; ++j) {
+        k.r0[o + j] = s[h][j] * k.inv[h];
+        k.r1[o + j] = k.empty[h] ? A(0) : m[h][j];
+        k.ri[o + j] = k.empty[h] ? 0 : ix[h][j];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- pass 3: the gate
+// y = s[n, g(c), p] a_c x.
+
+template <typename T>
+FA_INLINE void gate_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  if (!is_cl(G)) {  // contiguous: row (n, c)
+    for (int64_t r = t0; r < t1; ++r) {
+      const int64_t n = r / G.C;
+      const A* __restrict__ s = map_of(k.s, n, k.group[r], G.P);
+      const T* __restrict__ x = k.x + r * G.P;
+      T* __restrict__ y = k.out + r * G.P;
+      const A ac = k.a[r];
+      for (int64_t p = 0; p < G.P; ++p) y[p] = T(s[p] * ac * A(x[p]));
+    }
+  } else {  // channels-last: row (n, p)
+    for (int64_t r = t0; r < t1; ++r) {
+      const int64_t n = r / G.P, p = r % G.P;
+      const A s0 = map_of(k.s, n, 0, G.P)[p], s1 = map_of(k.s, n, 1, G.P)[p];
+      const uint8_t* __restrict__ g = k.group + n * G.C;
+      const A* __restrict__ a = k.a + n * G.C;
+      const T* __restrict__ x = k.x + r * G.C;
+      T* __restrict__ y = k.out + r * G.C;
+      for (int64_t c = 0; c < G.C; ++c) y[c] = T((g[c] ? s1 : s0) * a[c] * A(x[c]));
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- backward passes
+// ds[n, g, p] = sum_{c in g} dy a_c x. r0 = ds.
+
+template <typename T, typename A>
+FA_INLINE void gate_grad_step(const T* __restrict__ x, const T* __restrict__ dy, int64_t step,
+                              A ac, int64_t np, A* __restrict__ s) {
+  for (int64_t j = 0; j < np; ++j) s[j] += A(dy[j * step]) * ac * A(x[j * step]);
+}
+
+template <typename T, bool CL>
+FA_INLINE void gate_grad_s_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  alignas(64) A acc[2][kPixelBlock];
+  for (int64_t t = t0; t < t1; ++t) {
+    const Tile tl = tile_of<CL>(G, t);
+    const uint8_t* g = k.group + tl.n * G.C;
+    const A* a = k.a + tl.n * G.C;
+    for (int h = 0; h < 2; ++h)
+      for (int64_t j = 0; j < tile_pixels<CL>(); ++j) acc[h][j] = 0;
+    const int64_t o = tl.n * G.sN + tl.p0 * G.sP;
+    if (CL) {  // a pixel's channels are contiguous: one vectorised reduction per pixel
+      for (int64_t j = 0; j < tl.np; ++j) {
+        const T* __restrict__ x = k.x + o + j * G.C;
+        const T* __restrict__ dy = k.dy + o + j * G.C;
+        A s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+        for (int64_t c = 0; c < G.C; ++c) {
+          const A v = A(dy[c]) * a[c] * A(x[c]);
+          s0 += g[c] ? A(0) : v;
+          s1 += g[c] ? v : A(0);
+        }
+        acc[0][j] = s0;
+        acc[1][j] = s1;
+      }
+    } else {
+      for (int64_t c = 0; c < G.C; ++c) {
+        const int64_t oc = o + c * G.sC;
+        gate_grad_step(k.x + oc, k.dy + oc, int64_t(1), a[c], tl.np, acc[g[c]]);
+      }
+    }
+    for (int h = 0; h < 2; ++h)
+      for (int64_t j = 0; j < tl.np; ++j) k.r0[(tl.n * 2 + h) * G.P + tl.p0 + j] = acc[h][j];
+  }
+}
+
+// da[n, c] = sum_p x (dy s_{g(c)} + d_avg_{g(c)} / size + [argmax_{g(c)} == c] d_max_{g(c)}):
+// the gate's and the channel pooling's gradient with respect to a. r0 = da.
+
+template <typename T>
+FA_INLINE void grad_a_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // contiguous
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  for (int64_t r = t0; r < t1; ++r) {
+    const int64_t n = r / G.C;
+    const int32_t c = int32_t(r % G.C);
+    const int h = k.group[r];
+    const A* __restrict__ s = map_of(k.s, n, h, G.P);
+    const A* __restrict__ dav = map_of(k.d_avg, n, h, G.P);
+    const A* __restrict__ dmx = map_of(k.d_max, n, h, G.P);
+    const int32_t* __restrict__ arg = k.argmax + (n * 2 + h) * G.P;
+    const T* __restrict__ x = k.x + r * G.P;
+    const T* __restrict__ dy = k.dy + r * G.P;
+    const A inv = k.inv[h];
+    alignas(64) A acc[kLanes] = {};
+    auto step = [&](int64_t p, int l) FA_INLINE_LAMBDA {
+      acc[l] += A(x[p]) * (A(dy[p]) * s[p] + pool_grad(dav[p] * inv, arg[p], dmx[p], c));
+    };
+    int64_t p = 0;
+    for (; p + kLanes <= G.P; p += kLanes)
+      for (int l = 0; l < kLanes; ++l) step(p + l, l);
+    for (int l = 0; p + l < G.P; ++l) step(p + l, l);
+    k.r0[r] = tree_sum(acc);
+  }
+}
+
+template <typename T>
+FA_INLINE void grad_a_blocks(const Pass<T>& k, int64_t t0, int64_t t1) {  // channels-last
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  const int64_t blocks = (G.C + kChannelBlock - 1) / kChannelBlock;
+  alignas(64) A acc[kChannelBlock];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock;
+    const int64_t nc = std::min(kChannelBlock, G.C - c0);
+    const uint8_t* __restrict__ g = k.group + n * G.C + c0;
+    for (int64_t j = 0; j < nc; ++j) acc[j] = 0;
+    for (int64_t p = 0; p < G.P; ++p) {
+      const int64_t o0 = (n * 2) * G.P + p, o1 = o0 + G.P;
+      const A s0 = k.s[o0], s1 = k.s[o1];
+      const A v0 = k.d_avg[o0] * k.inv[0], v1 = k.d_avg[o1] * k.inv[1];
+      const A m0 = k.d_max[o0], m1 = k.d_max[o1];
+      const int32_t a0 = k.argmax[o0], a1 = k.argmax[o1];
+      const T* __restrict__ x = k.x + n * G.sN + p * G.C + c0;
+      const T* __restrict__ dy = k.dy + n * G.sN + p * G.C + c0;
+      for (int64_t j = 0; j < nc; ++j) {
+        const uint8_t h = g[j];
+        const int32_t c = int32_t(c0 + j);
+        const A pg = pool_grad(h ? v1 : v0, h ? a1 : a0, h ? m1 : m0, c);
+        acc[j] += A(x[j]) * (A(dy[j]) * (h ? s1 : s0) + pg);
+      }
+    }
+    for (int64_t j = 0; j < nc; ++j) k.r0[n * G.C + c0 + j] = acc[j];
+  }
+}
+
+// dx = dy s a + a (d_avg / size + [argmax_g == c] d_max) + d_mean_c / P + [p == argmax_c] d_max_c.
+
+template <typename T>
+FA_INLINE void grad_x_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
+  using A = acc_t<T>;
+  const Geom& G = k.G;
+  const A invP = A(1) / A(G.P);
+  if (!is_cl(G)) {  // contiguous: row (n, c)
+    for (int64_t r = t0; r < t1; ++r) {
+      const int64_t n = r / G.C;
+      const int32_t c = int32_t(r % G.C);
+      const int h = k.group[r];
+      const A* __restrict__ s = map_of(k.s, n, h, G.P);
+      const A* __restrict__ dav = map_of(k.d_avg, n, h, G.P);
+      const A* __restrict__ dmx = map_of(k.d_max, n, h, G.P);
+      const int32_t* __restrict__ arg = k.argmax + (n * 2 + h) * G.P;
+      const T* __restrict__ dy = k.dy + r * G.P;
+      T* __restrict__ dx = k.out + r * G.P;
+      const A ac = k.a[r], inv = k.inv[h], base = k.d_mean_c[r] * invP;
+      auto value = [&](int64_t p) FA_INLINE_LAMBDA {
+        return A(dy[p]) * s[p] * ac + ac * pool_grad(dav[p] * inv, arg[p], dmx[p], c) + base;
+      };
+      for (int64_t p = 0; p < G.P; ++p) dx[p] = T(value(p));
+      const int64_t pm = k.argmax_c[r];  // the pixel max's gradient: one element per row
+      if (pm >= 0 && pm < G.P) dx[pm] = T(value(pm) + k.d_max_c[r]);
+    }
+  } else {  // channels-last: row (n, p)
+    for (int64_t r = t0; r < t1; ++r) {
+      const int64_t n = r / G.P;
+      const int32_t p = int32_t(r % G.P);
+      const int64_t o0 = (n * 2) * G.P + p, o1 = o0 + G.P;
+      const A s0 = k.s[o0], s1 = k.s[o1];
+      const A v0 = k.d_avg[o0] * k.inv[0], v1 = k.d_avg[o1] * k.inv[1];
+      const A m0 = k.d_max[o0], m1 = k.d_max[o1];
+      const int32_t a0 = k.argmax[o0], a1 = k.argmax[o1];
+      const uint8_t* __restrict__ g = k.group + n * G.C;
+      const A* __restrict__ a = k.a + n * G.C;
+      const A* __restrict__ dmc = k.d_mean_c + n * G.C;
+      const A* __restrict__ dxc = k.d_max_c + n * G.C;
+      const int32_t* __restrict__ axc = k.argmax_c + n * G.C;
+      const T* __restrict__ dy = k.dy + r * G.C;
+      T* __restrict__ dx = k.out + r * G.C;
+      for (int64_t c = 0; c < G.C; ++c) {
+        const uint8_t h = g[c];
+        const A ac = a[c];
+        const A pg = pool_grad(h ? v1 : v0, h ? a1 : a0, h ? m1 : m0, int32_t(c));
+        const A v = A(dy[c]) * (h ? s1 : s0) * ac + ac * pg + dmc[c] * invP;
+        dx[c] = T(axc[c] == p ? v + dxc[c] : v);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------- multi-versioned entry points
+
+template <typename T>
+FA_INLINE void run_impl(Op op, const Pass<T>& k, int64_t t0, int64_t t1) {
+  const bool cl = is_cl(k.G);
+  switch (op) {
+    case Op::kPoolPixels: return cl ? pool_pixels_blocks(k, t0, t1) : pool_pixels_rows(k, t0, t1);
+    case Op::kPoolChannels:
+      return cl ? pool_channels_tiles<T, true>(k, t0, t1) : pool_channels_tiles<T, false>(k, t0, t1);
+    case Op::kGate: return gate_rows(k, t0, t1);
+    case Op::kGateGradS:
+      return cl ? gate_grad_s_tiles<T, true>(k, t0, t1) : gate_grad_s_tiles<T, false>(k, t0, t1);
+    case Op::kGradA: return cl ? grad_a_blocks(k, t0, t1) : grad_a_rows(k, t0, t1);
+    case Op::kGradX: return grad_x_rows(k, t0, t1);
+  }
+}
+
+#define FA_RUN(T) \
+  FA_CLONES void run(Op op, const Pass<T>& k, int64_t t0, int64_t t1) { run_impl(op, k, t0, t1); }
+FA_RUN(float)
+FA_RUN(double)
+FA_RUN(at::Half)
+FA_RUN(at::BFloat16)
+#undef FA_RUN
+
+// Tasks of a pass and how many make up one thread's least share.
+struct Tasks {
+  int64_t count, grain;
+};
+
+Tasks tasks_of(Op op, const Geom& G) {
+  const bool cl = is_cl(G);
+  auto make = [](int64_t count, int64_t elems_per_task) {
+    return Tasks{count, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, elems_per_task))};
+  };
+  const int64_t pixel_blocks = (G.P + kPixelBlock - 1) / kPixelBlock;
+  const int64_t channel_blocks = (G.C + kChannelBlock - 1) / kChannelBlock;
+  switch (op) {
+    case Op::kPoolPixels:
+    case Op::kGradA:
+      return cl ? make(G.N * channel_blocks, G.P * kChannelBlock) : make(G.N * G.C, G.P);
+    case Op::kPoolChannels:
+    case Op::kGateGradS:
+      return cl ? make(G.N * ((G.P + kLanes - 1) / kLanes), G.C * kLanes)
+                : make(G.N * pixel_blocks, G.C * kPixelBlock);
+    case Op::kGate:
+    case Op::kGradX:
+      return cl ? make(G.N * G.P, G.C) : make(G.N * G.C, G.P);
+  }
+  return {0, 1};
+}
+
+template <typename T>
+void launch(Op op, const Pass<T>& k) {
+  const Tasks t = tasks_of(op, k.G);
+  at::parallel_for(0, t.count, t.grain, [&](int64_t b, int64_t e) { run(op, k, b, e); });
+}
+
+template <typename T>
+void set_sizes(Pass<T>& k, int64_t size0, int64_t size1) {
+  using A = acc_t<T>;
+  const int64_t sizes[2] = {size0, size1};
+  for (int h = 0; h < 2; ++h) {
+    k.inv[h] = sizes[h] > 0 ? A(1) / A(sizes[h]) : A(0);
+    k.empty[h] = sizes[h] == 0;
+  }
+}
+
+// ------------------------------------------------------------------------------- host ops
+
+#define FA_DISPATCH(x, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) {
   check_ham_x(x, "ham_pool_pixels");
   const Geom G = geom(x);
@@ -86,39 +561,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) 
   at::Tensor mean = at::empty({G.N, G.C}, opts), mx = at::empty({G.N, G.C}, opts);
   at::Tensor arg = at::empty({G.N, G.C}, x.options().dtype(at::kInt));
   if (x.numel() == 0) return {mean.zero_(), mx.zero_(), arg.zero_()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_pool_pixels", [&] {
+  FA_DISPATCH(x, "ham_pool_pixels", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    A* mp = mean.mutable_data_ptr<A>();
-    A* xm = mx.mutable_data_ptr<A>();
-    int32_t* ap = arg.mutable_data_ptr<int32_t>();
-    const Blocks B = blocks(G.C, kChannelBlock);
-    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
-      A sum[kChannelBlock], best[kChannelBlock];
-      int64_t bi[kChannelBlock];
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
-        const int64_t c1 = std::min(G.C, c0 + B.size);
-        for (int64_t c = c0; c < c1; ++c) { sum[c - c0] = 0; best[c - c0] = -INFINITY; bi[c - c0] = 0; }
-        for_each_cp(G, n, c0, c1, 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
-          const A v = A(xp[o]);
-          sum[c - c0] += v;
-          take_max(v, p, best[c - c0], bi[c - c0]);
-        });
-        for (int64_t c = c0; c < c1; ++c) {
-          mp[n * G.C + c] = sum[c - c0] / A(G.P);
-          xm[n * G.C + c] = best[c - c0];
-          ap[n * G.C + c] = int32_t(bi[c - c0]);
-        }
-      }
-    });
+    Pass<scalar_t> k;
+    k.G = G;
+    k.x = x.const_data_ptr<scalar_t>();
+    k.r0 = mean.mutable_data_ptr<A>();
+    k.r1 = mx.mutable_data_ptr<A>();
+    k.ri = arg.mutable_data_ptr<int32_t>();
+    launch(Op::kPoolPixels, k);
   });
   return {mean, mx, arg};
 }
 
-// ------------------------------------------------------------------------ pass 2: channel pooling
-// Per (n, g, p): avg = sum_{c in g} a_c x / size_g; max over all c of (g(c) == g ? a_c x : 0),
-// first argmax. Groups with no channels give zeros.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x, const at::Tensor& a,
                                                              const at::Tensor& group,
                                                              int64_t size0, int64_t size1) {
@@ -127,53 +582,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
   check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_pool_channels: a");
   check_small(group, x, {G.N, G.C}, at::kBool, "ham_pool_channels: group");
   const auto opts = x.options().dtype(acc_dtype(x));
-  at::Tensor avg = at::zeros({G.N, 2, G.P}, opts), mx = at::zeros({G.N, 2, G.P}, opts);
-  at::Tensor arg = at::zeros({G.N, 2, G.P}, x.options().dtype(at::kInt));
-  if (x.numel() == 0) return {avg, mx, arg};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_pool_channels", [&] {
+  at::Tensor avg = at::empty({G.N, 2, G.P}, opts), mx = at::empty({G.N, 2, G.P}, opts);
+  at::Tensor arg = at::empty({G.N, 2, G.P}, x.options().dtype(at::kInt));
+  if (x.numel() == 0) return {avg.zero_(), mx.zero_(), arg.zero_()};
+  FA_DISPATCH(x, "ham_pool_channels", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const A* ap = a.const_data_ptr<A>();
-    const bool* gp = group.const_data_ptr<bool>();
-    A* avp = avg.mutable_data_ptr<A>();
-    A* mxp = mx.mutable_data_ptr<A>();
-    int32_t* agp = arg.mutable_data_ptr<int32_t>();
-    const A inv0 = size0 ? A(1) / A(size0) : A(0), inv1 = size1 ? A(1) / A(size1) : A(0);
-    const Blocks B = blocks(G.P, kPixelBlock);
-    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
-      A sum[2][kPixelBlock], best[2][kPixelBlock];
-      int64_t bi[2][kPixelBlock];
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / B.per_sample, p0 = (t % B.per_sample) * B.size;
-        const int64_t np = std::min(B.size, G.P - p0);
-        for (int g = 0; g < 2; ++g)
-          for (int64_t j = 0; j < np; ++j) { sum[g][j] = 0; best[g][j] = -INFINITY; bi[g][j] = 0; }
-        for_each_cp(G, n, 0, G.C, p0, p0 + np, [&](int64_t c, int64_t p, int64_t o) {
-          const int gc = gp[n * G.C + c] ? 1 : 0;
-          const int64_t j = p - p0;
-          const A f = ap[n * G.C + c] * A(xp[o]);
-          sum[gc][j] += f;
-          take_max(f, c, best[gc][j], bi[gc][j]);
-          take_max(A(0), c, best[1 - gc][j], bi[1 - gc][j]);  // masked-out channels count as 0
-        });
-        for (int g = 0; g < 2; ++g) {
-          const A invg = g ? inv1 : inv0;
-          const bool empty = (g ? size1 : size0) == 0;
-          for (int64_t j = 0; j < np; ++j) {
-            const int64_t o = (n * 2 + g) * G.P + p0 + j;
-            avp[o] = sum[g][j] * invg;
-            mxp[o] = empty ? A(0) : best[g][j];
-            agp[o] = empty ? 0 : int32_t(bi[g][j]);
-          }
-        }
-      }
-    });
+    Pass<scalar_t> k;
+    k.G = G;
+    k.x = x.const_data_ptr<scalar_t>();
+    k.a = a.const_data_ptr<A>();
+    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    set_sizes(k, size0, size1);
+    k.r0 = avg.mutable_data_ptr<A>();
+    k.r1 = mx.mutable_data_ptr<A>();
+    k.ri = arg.mutable_data_ptr<int32_t>();
+    launch(Op::kPoolChannels, k);
   });
   return {avg, mx, arg};
 }
 
-// ----------------------------------------------------------------------------- pass 3: the gate
-// y = s[n, g(c), p] a_c x.
 at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s, const at::Tensor& group) {
   check_ham_x(x, "ham_gate");
   const Geom G = geom(x);
@@ -182,30 +609,20 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s, c
   check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate: group");
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_gate", [&] {
+  FA_DISPATCH(x, "ham_gate", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const A* ap = a.const_data_ptr<A>();
-    const A* sp = s.const_data_ptr<A>();
-    const bool* gp = group.const_data_ptr<bool>();
-    const Blocks B = blocks(G.C, kChannelBlock);
-    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
-        const A* s0 = sp + n * 2 * G.P;
-        for_each_cp(G, n, c0, std::min(G.C, c0 + B.size), 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
-          const int64_t q = n * G.C + c;
-          yp[o] = scalar_t(s0[(gp[q] ? G.P : 0) + p] * ap[q] * A(xp[o]));
-        });
-      }
-    });
+    Pass<scalar_t> k;
+    k.G = G;
+    k.x = x.const_data_ptr<scalar_t>();
+    k.out = y.mutable_data_ptr<scalar_t>();
+    k.a = a.const_data_ptr<A>();
+    k.s = s.const_data_ptr<A>();
+    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    launch(Op::kGate, k);
   });
   return y;
 }
 
-// ------------------------------------------------------------------------------- backward passes
-// ds[n, g, p] = sum_{c in g} dy a_c x.
 at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a,
                        const at::Tensor& group) {
   check_ham_x(x, "ham_gate_grad_s");
@@ -213,33 +630,33 @@ at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_like_x(dy, x, "ham_gate_grad_s");
   check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_gate_grad_s: a");
   check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate_grad_s: group");
-  at::Tensor ds = at::zeros({G.N, 2, G.P}, x.options().dtype(acc_dtype(x)));
-  if (x.numel() == 0) return ds;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_gate_grad_s", [&] {
+  at::Tensor ds = at::empty({G.N, 2, G.P}, x.options().dtype(acc_dtype(x)));
+  if (x.numel() == 0) return ds.zero_();
+  FA_DISPATCH(x, "ham_gate_grad_s", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* dp = dy.const_data_ptr<scalar_t>();
-    const A* ap = a.const_data_ptr<A>();
-    const bool* gp = group.const_data_ptr<bool>();
-    A* out = ds.mutable_data_ptr<A>();
-    const Blocks B = blocks(G.P, kPixelBlock);
-    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / B.per_sample, p0 = (t % B.per_sample) * B.size;
-        const int64_t p1 = std::min(G.P, p0 + B.size);
-        A* o0 = out + n * 2 * G.P;  // zero-initialised; this task owns pixels [p0, p1)
-        for_each_cp(G, n, 0, G.C, p0, p1, [&](int64_t c, int64_t p, int64_t o) {
-          const int64_t q = n * G.C + c;
-          o0[(gp[q] ? G.P : 0) + p] += A(dp[o]) * ap[q] * A(xp[o]);
-        });
-      }
-    });
+    Pass<scalar_t> k;
+    k.G = G;
+    k.x = x.const_data_ptr<scalar_t>();
+    k.dy = dy.const_data_ptr<scalar_t>();
+    k.a = a.const_data_ptr<A>();
+    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    k.r0 = ds.mutable_data_ptr<A>();
+    launch(Op::kGateGradS, k);
   });
   return ds;
 }
 
-// da[n, c] = sum_p x (dy s_{g(c)} + d_avg_{g(c)} / size + [argmax_{g(c)} == c] d_max_{g(c)}):
-// the gate's and the channel pooling's gradient with respect to a, in one pass over x and dy.
+// The (n, g, p) maps of the backward: d_avg, d_max and the group's argmax.
+template <typename T>
+void set_pool_grads(Pass<T>& k, const at::Tensor& d_avg, const at::Tensor& d_max,
+                    const at::Tensor& argmax, int64_t size0, int64_t size1) {
+  using A = acc_t<T>;
+  k.d_avg = d_avg.const_data_ptr<A>();
+  k.d_max = d_max.const_data_ptr<A>();
+  k.argmax = argmax.const_data_ptr<int32_t>();
+  set_sizes(k, size0, size1);
+}
+
 at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s,
                   const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
                   const at::Tensor& argmax, int64_t size0, int64_t size1) {
@@ -248,36 +665,23 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
   check_like_x(dy, x, "ham_grad_a");
   check_small(s, x, {G.N, 2, G.P}, acc_dtype(x), "ham_grad_a: s");
   check_pool_grads(x, group, d_avg, d_max, argmax, "ham_grad_a");
-  at::Tensor da = at::zeros({G.N, G.C}, x.options().dtype(acc_dtype(x)));
-  if (x.numel() == 0) return da;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_grad_a", [&] {
+  at::Tensor da = at::empty({G.N, G.C}, x.options().dtype(acc_dtype(x)));
+  if (x.numel() == 0) return da.zero_();
+  FA_DISPATCH(x, "ham_grad_a", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* dp = dy.const_data_ptr<scalar_t>();
-    const A* sp = s.const_data_ptr<A>();
-    const bool* gp = group.const_data_ptr<bool>();
-    const PoolGrad<A> pool(d_avg, d_max, argmax, size0, size1);
-    A* out = da.mutable_data_ptr<A>();
-    const Blocks B = blocks(G.C, kChannelBlock);
-    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
-      A acc[kChannelBlock];
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
-        const int64_t c1 = std::min(G.C, c0 + B.size);
-        for (int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
-        for_each_cp(G, n, c0, c1, 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
-          const int g = gp[n * G.C + c] ? 1 : 0;
-          const int64_t so = (n * 2 + g) * G.P + p;
-          acc[c - c0] += A(xp[o]) * (A(dp[o]) * sp[so] + pool(so, g, c));
-        });
-        for (int64_t c = c0; c < c1; ++c) out[n * G.C + c] = acc[c - c0];
-      }
-    });
+    Pass<scalar_t> k;
+    k.G = G;
+    k.x = x.const_data_ptr<scalar_t>();
+    k.dy = dy.const_data_ptr<scalar_t>();
+    k.s = s.const_data_ptr<A>();
+    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    set_pool_grads(k, d_avg, d_max, argmax, size0, size1);
+    k.r0 = da.mutable_data_ptr<A>();
+    launch(Op::kGradA, k);
   });
   return da;
 }
 
-// dx = dy s a + a (d_avg / size + [argmax_g == c] d_max) + d_mean_c / P + [p == argmax_c] d_max_c.
 at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s,
                   const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
                   const at::Tensor& argmax, int64_t size0, int64_t size1,
@@ -292,33 +696,20 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
   check_small(argmax_c, dy, {G.N, G.C}, at::kInt, "ham_grad_x: argmax_c");
   at::Tensor dx = at::empty_like(dy);
   if (dy.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "ham_grad_x", [&] {
+  FA_DISPATCH(dy, "ham_grad_x", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* dp = dy.const_data_ptr<scalar_t>();
-    scalar_t* xp = dx.mutable_data_ptr<scalar_t>();
-    const A* ap = a.const_data_ptr<A>();
-    const A* sp = s.const_data_ptr<A>();
-    const bool* gp = group.const_data_ptr<bool>();
-    const PoolGrad<A> pool(d_avg, d_max, argmax, size0, size1);
-    const A* dmc = d_mean_c.const_data_ptr<A>();
-    const A* dxc = d_max_c.const_data_ptr<A>();
-    const int32_t* axc = argmax_c.const_data_ptr<int32_t>();
-    const A invP = A(1) / A(G.P);
-    const Blocks B = blocks(G.C, kChannelBlock);
-    at::parallel_for(0, B.count(G.N), 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / B.per_sample, c0 = (t % B.per_sample) * B.size;
-        for_each_cp(G, n, c0, std::min(G.C, c0 + B.size), 0, G.P, [&](int64_t c, int64_t p, int64_t o) {
-          const int64_t q = n * G.C + c;
-          const int g = gp[q] ? 1 : 0;
-          const int64_t so = (n * 2 + g) * G.P + p;
-          const A ac = ap[q];
-          A v = A(dp[o]) * sp[so] * ac + ac * pool(so, g, c) + dmc[q] * invP;
-          if (p == axc[q]) v += dxc[q];
-          xp[o] = scalar_t(v);
-        });
-      }
-    });
+    Pass<scalar_t> k;
+    k.G = G;
+    k.dy = dy.const_data_ptr<scalar_t>();
+    k.out = dx.mutable_data_ptr<scalar_t>();
+    k.a = a.const_data_ptr<A>();
+    k.s = s.const_data_ptr<A>();
+    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    set_pool_grads(k, d_avg, d_max, argmax, size0, size1);
+    k.d_mean_c = d_mean_c.const_data_ptr<A>();
+    k.d_max_c = d_max_c.const_data_ptr<A>();
+    k.argmax_c = argmax_c.const_data_ptr<int32_t>();
+    launch(Op::kGradX, k);
   });
   return dx;
 }
