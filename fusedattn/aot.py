@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-KERNEL_MODULES = ("simam",)
+KERNEL_MODULES = ("simam", "ham")
 
 
 @dataclass
@@ -131,11 +131,17 @@ def main(argv=None) -> int:
                 print(line + ("  <-- SPILLS" if r.ok and r.spill_bytes > 0 else ""), flush=True)
     failed = [r for r in reports if not r.ok]
     spilled = [r for r in reports if r.ok and r.spill_bytes > 0]
-    fwd = [r for r in reports if r.ok and "_fwd_" in r.name]
-    vec = [r for r in fwd if r.load_width_bits >= 64]
+    # kernels that should load full-size tensors as vectors: SimAM's forward, HAM's aligned rows
+    groups = {"SimAM forward": lambda n: n.startswith("simam_fwd_"),
+              "HAM aligned": lambda n: n.startswith("ham_") and n.endswith("_aligned")}
+    counts = []
+    for label, pick in groups.items():
+        sel = [r for r in reports if r.ok and pick(r.name)]
+        if sel:
+            counts.append(f"{label} {sum(r.load_width_bits >= 64 for r in sel)}/{len(sel)}")
     print(f"fusedattn.aot: {len(reports)} kernels compiled for sm_{args.arch.replace(',', ', sm_')}: "
-          f"{len(failed)} failed, {len(spilled)} spill; forward kernels with vectorised global "
-          f"loads (>= 64 bit): {len(vec)}/{len(fwd)}")
+          f"{len(failed)} failed, {len(spilled)} spill; kernels with vectorised global "
+          f"loads (>= 64 bit): {', '.join(counts) or 'none checked'}")
     return 1 if failed or spilled else 0
 
 

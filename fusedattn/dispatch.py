@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 NAMES = ("cpu", "cuda", "triton", "eager")
-TRITON_OPS = frozenset({"simam_forward"})  # forward ops that have Triton kernels
+TRITON_OPS = frozenset({"simam_forward", "ham_pool_pixels"})  # ops with Triton kernels
 _DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 

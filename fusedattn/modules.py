@@ -39,4 +39,4 @@ class HAM(reference.HAM):
         backend = dispatch.select("ham_pool_pixels", x)
         if backend == "eager":
             return super().forward(x)
-        return ham_op(self, x)
+        return ham_op(self, x, backend)

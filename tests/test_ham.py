@@ -5,17 +5,18 @@ from torch import nn
 
 import fusedattn
 from fusedattn import reference
+from fusedattn.ops.ham import passes
 from helpers import LOW_PRECISION, assert_close64, assert_tolerance
 
 
-def _pair(channels, dtype=torch.float64, train=False, **kw):
+def _pair(channels, dtype=torch.float64, train=False, device="cpu", **kw):
     torch.manual_seed(channels)
-    ref = reference.HAM(channels, **kw).to(dtype)
+    ref = reference.HAM(channels, **kw).to(device, dtype)
     with torch.no_grad():  # parameters away from their initial values
         ref.alpha.fill_(0.3), ref.beta.fill_(0.8)
         ref.bn.weight.fill_(1.4), ref.bn.bias.fill_(0.15)
         ref.bn.running_mean.fill_(0.05), ref.bn.running_var.fill_(1.7)
-    fused = fusedattn.HAM(channels, **kw).to(dtype)
+    fused = fusedattn.HAM(channels, **kw).to(device, dtype)
     fused.load_state_dict(ref.state_dict())
     return ref.train(train), fused.train(train)
 
@@ -34,14 +35,15 @@ CASES = [((3, 16, 7, 9), False), ((3, 16, 7, 9), True), ((2, 2, 5, 6), True),   
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape,train", CASES, ids=[f"{'x'.join(map(str, s))}-{'train' if t else 'eval'}"
                                                     for s, t in CASES])
-def test_fp64_matches_reference(shape, train, channels_last):
-    ref, fused = _pair(shape[1], train=train)
+def test_fp64_matches_reference(backend_device, shape, train, channels_last):
+    backend, device = backend_device
+    ref, fused = _pair(shape[1], train=train, device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
-    g = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt)
+    x = torch.randn(shape, dtype=torch.float64, device=device).to(memory_format=fmt).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64, device=device).to(memory_format=fmt)
     y_r, g_r = _run(ref, x, g)
     y_f, g_f = _run(fused, x, g)
-    assert fusedattn.last_backend("ham_pool_pixels") == "cpu"
+    assert fusedattn.last_backend("ham_pool_pixels") == backend
     assert_close64(y_f, y_r, "y")
     assert y_f.stride() == x.stride() and g_f[0].stride() == x.stride()
     names = ["x"] + [n for n, _ in fused.named_parameters()]
@@ -51,21 +53,24 @@ def test_fp64_matches_reference(shape, train, channels_last):
         assert torch.equal(getattr(fused.bn, buf), getattr(ref.bn, buf)), buf
 
 
-def test_gradcheck_eval():
-    _, fused = _pair(6)
-    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_eval(backend_device):
+    _, device = backend_device
+    _, fused = _pair(6, device=device)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(fused, (x,))
     assert torch.autograd.gradcheck(lambda a: fused(x.detach()) * a, (fused.alpha,))
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_low_precision_tolerance(dtype):
-    ref, fused = _pair(16)
-    x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+def test_low_precision_tolerance(backend_device, dtype):
+    _, device = backend_device
+    ref, fused = _pair(16, device=device)
+    x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
     g64 = torch.randn_like(x64)
     x = x64.to(dtype)
     y64 = ref(x.double())
-    fused_lp, ref_lp = fusedattn.HAM(16).to(dtype).eval(), reference.HAM(16).to(dtype).eval()
+    fused_lp = fusedattn.HAM(16).to(device, dtype).eval()
+    ref_lp = reference.HAM(16).to(device, dtype).eval()
     fused_lp.load_state_dict(ref.state_dict())
     ref_lp.load_state_dict(ref.state_dict())
     y = fused_lp(x)
@@ -80,10 +85,11 @@ def test_low_precision_tolerance(dtype):
     assert_tolerance(dx, dx_e, dx64, f"HAM dx {dtype}")
 
 
-def test_ties_select_the_same_channels_as_the_reference():
+def test_ties_select_the_same_channels_as_the_reference(backend_device):
     """Identical channels give identical a_c: the split must take the lower indices."""
-    ref, fused = _pair(8, separation_rate=0.5)
-    base = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    _, device = backend_device
+    ref, fused = _pair(8, separation_rate=0.5, device=device)
+    base = torch.randn(2, 1, 5, 5, dtype=torch.float64, device=device)
     x = base.repeat(1, 8, 1, 1).requires_grad_()
     g = torch.randn_like(x)
     for a, b in zip(_run(fused, x, g)[1], _run(ref, x, g)[1]):
@@ -91,9 +97,10 @@ def test_ties_select_the_same_channels_as_the_reference():
     assert_close64(fused(x), ref(x))
 
 
-def test_max_ties_send_the_gradient_to_the_first_index():
-    ref, fused = _pair(4)
-    x = torch.zeros(1, 4, 4, 4, dtype=torch.float64)
+def test_max_ties_send_the_gradient_to_the_first_index(backend_device):
+    _, device = backend_device
+    ref, fused = _pair(4, device=device)
+    x = torch.zeros(1, 4, 4, 4, dtype=torch.float64, device=device)
     x[0, :, 0, 1] = 3.0
     x[0, :, 2, 2] = 3.0
     x[0, 1, 3, 3] = -1.0
@@ -103,9 +110,10 @@ def test_max_ties_send_the_gradient_to_the_first_index():
         assert_close64(a, b)
 
 
-def test_deterministic():
-    _, fused = _pair(32, dtype=torch.float32, train=True)
-    x = torch.randn(2, 32, 9, 9, requires_grad=True)
+def test_deterministic(backend_device):
+    _, device = backend_device
+    _, fused = _pair(32, dtype=torch.float32, train=True, device=device)
+    x = torch.randn(2, 32, 9, 9, device=device, requires_grad=True)
     g = torch.randn_like(x)
     y1, g1 = _run(fused, x, g)
     y2, g2 = _run(fused, x, g)
@@ -123,11 +131,9 @@ def test_empty_batch_and_eager_backend():
     assert fusedattn.last_backend("ham_pool_pixels") == "eager"
 
 
-def test_backends_without_ham_kernels_say_so():
-    assert not fusedattn.dispatch.status("triton", "ham_pool_pixels").available
-    assert "no Triton kernel" in fusedattn.dispatch.status("triton", "ham_pool_pixels").reason
+def test_a_backend_that_cannot_run_raises():
     x = torch.randn(1, 8, 4, 4)
-    with fusedattn.use_backend("triton"):
+    with fusedattn.use_backend("cuda"):
         with pytest.raises(fusedattn.BackendUnavailable, match="ham_pool_pixels"):
             fusedattn.HAM(8)(x)
 
@@ -151,17 +157,20 @@ def _op_samples():
         yield t, a, group, s, d_avg, d_max, arg_g, arg_c, dy, acc
 
 
-def test_opcheck_ham_ops():
-    ops = torch.ops.fusedattn
+def test_opcheck_ham_ops(backend_device):
+    backend, device = backend_device
+    op = passes(backend)
     for t, a, group, s, d_avg, d_max, arg_g, arg_c, dy, acc in _op_samples():
-        torch.library.opcheck(ops.ham_pool_pixels, (t,))
-        torch.library.opcheck(ops.ham_pool_channels, (t, a, group, 3, 3))
-        torch.library.opcheck(ops.ham_gate, (t, a, s, group))
-        torch.library.opcheck(ops.ham_gate_grad_s, (dy, t, a, group))
-        torch.library.opcheck(ops.ham_grad_a, (t, dy, s, group, d_avg, d_max, arg_g, 3, 3))
-        torch.library.opcheck(ops.ham_grad_x, (dy, a, s, group, d_avg, d_max, arg_g, 3, 3,
-                                               torch.randn(2, 6, dtype=acc),
-                                               torch.randn(2, 6, dtype=acc), arg_c))
+        t, a, group, s, d_avg, d_max, arg_g, arg_c, dy = (
+            v.to(device) for v in (t, a, group, s, d_avg, d_max, arg_g, arg_c, dy))
+        torch.library.opcheck(op["pool_pixels"], (t,))
+        torch.library.opcheck(op["pool_channels"], (t, a, group, 3, 3))
+        torch.library.opcheck(op["gate"], (t, a, s, group))
+        torch.library.opcheck(op["gate_grad_s"], (dy, t, a, group))
+        torch.library.opcheck(op["grad_a"], (t, dy, s, group, d_avg, d_max, arg_g, 3, 3))
+        torch.library.opcheck(op["grad_x"], (dy, a, s, group, d_avg, d_max, arg_g, 3, 3,
+                                             torch.randn(2, 6, dtype=acc, device=device),
+                                             torch.randn(2, 6, dtype=acc, device=device), arg_c))
 
 
 class Block(nn.Module):
@@ -179,17 +188,18 @@ class Block(nn.Module):
 
 
 @pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
-def test_compile_fullgraph_resnet_block(compiler):
+def test_compile_fullgraph_resnet_block(backend_device, compiler):
+    _, device = backend_device
     torch.manual_seed(0)
-    ref = Block(reference.HAM).double()
-    fused = Block(fusedattn.HAM).double()
+    ref = Block(reference.HAM).to(device, torch.float64)
+    fused = Block(fusedattn.HAM).to(device, torch.float64)
     fused.load_state_dict(ref.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True, backend=compiler)
     for train in (True, False):
         ref.train(train), fused.train(train)
         ref.zero_grad(), fused.zero_grad()
-        x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+        x = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
         out, want = compiled(x), ref(x)
         out.square().sum().backward()
         want.square().sum().backward()

@@ -1,7 +1,8 @@
 """HAM, fused (math: ``fusedattn.reference.HAM``, spec/ham.md).
 
-The passes over full-size tensors are ops (``fusedattn::ham_*``, kernels in csrc/cpu/ham.cpp);
-the work indexed by (n, c) or (n, pixel) — the channel conv, the channel split, the 7x7 conv,
+The passes over full-size tensors are ops: ``fusedattn::ham_*`` (C++; kernels in csrc/cpu/ham.cpp
+and csrc/cuda/ham.cu) and ``fusedattn::ham_*_triton`` (custom ops over triton_kernels/ham.py),
+with one contract; the backend chosen for ``ham_pool_pixels`` runs all six. The work indexed by (n, c) or (n, pixel) — the channel conv, the channel split, the 7x7 conv,
 BatchNorm, ReLU, sigmoid — stays in torch. Forward (x read three times, y written once)::
 
     mean_c, max_c, argmax_c = ham_pool_pixels(x)               # pass 1
@@ -40,43 +41,105 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register_fakes() -> None:
+PASSES = ("ham_pool_pixels", "ham_pool_channels", "ham_gate", "ham_gate_grad_s", "ham_grad_a",
+          "ham_grad_x")
+
+
+def _fakes():
     def small(x, *shape, dtype=None):
         return x.new_empty(shape, dtype=dtype or _acc(x.dtype))
 
-    @torch.library.register_fake("fusedattn::ham_pool_pixels")
-    def _(x):
+    def pool_pixels(x):
         N, C = x.shape[:2]
         return small(x, N, C), small(x, N, C), small(x, N, C, dtype=torch.int32)
 
-    @torch.library.register_fake("fusedattn::ham_pool_channels")
-    def _(x, a, group, size0, size1):
+    def pool_channels(x, a, group, size0, size1):
         N, P = x.shape[0], x.shape[2] * x.shape[3]
         return small(x, N, 2, P), small(x, N, 2, P), small(x, N, 2, P, dtype=torch.int32)
 
-    @torch.library.register_fake("fusedattn::ham_gate")
-    def _(x, a, s, group):
+    def gate(x, a, s, group):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("fusedattn::ham_gate_grad_s")
-    def _(dy, x, a, group):
+    def gate_grad_s(dy, x, a, group):
         return small(x, x.shape[0], 2, x.shape[2] * x.shape[3])
 
-    @torch.library.register_fake("fusedattn::ham_grad_a")
-    def _(x, dy, s, group, d_avg, d_max, argmax, size0, size1):
+    def grad_a(x, dy, s, group, d_avg, d_max, argmax, size0, size1):
         return small(x, x.shape[0], x.shape[1])
 
-    @torch.library.register_fake("fusedattn::ham_grad_x")
-    def _(dy, a, s, group, d_avg, d_max, argmax, size0, size1, d_mean_c, d_max_c, argmax_c):
+    def grad_x(dy, a, s, group, d_avg, d_max, argmax, size0, size1, d_mean_c, d_max_c, argmax_c):
         return torch.empty_like(dy)
+
+    return dict(zip(PASSES, (pool_pixels, pool_channels, gate, gate_grad_s, grad_a, grad_x)))
+
+
+def _register_fakes(suffix: str = "") -> None:
+    for name, fake in _fakes().items():
+        torch.library.register_fake(f"fusedattn::{name}{suffix}")(fake)
 
 
 if dispatch._native()[0] is not None:  # the C++ schemas exist only when _C loaded
     _register_fakes()
 
 
+# ----------------------------------------------------------------------------- Triton ops
+# The same contract as the C++ ops (x in a readable layout, dy in x's strides); kernels in
+# triton_kernels/ham.py.
+
+def _kernels():
+    from ..triton_kernels import ham as kernels
+    return kernels
+
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("fusedattn::ham_pool_pixels_triton", mutates_args=())
+def _pool_pixels_triton(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().pool_pixels(x)
+
+
+@torch.library.custom_op("fusedattn::ham_pool_channels_triton", mutates_args=())
+def _pool_channels_triton(x: Tensor, a: Tensor, group: Tensor, size0: int,
+                          size1: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().pool_channels(x, a, group, size0, size1)
+
+
+@torch.library.custom_op("fusedattn::ham_gate_triton", mutates_args=())
+def _gate_triton(x: Tensor, a: Tensor, s: Tensor, group: Tensor) -> Tensor:
+    return _kernels().gate(x, a, s, group)
+
+
+@torch.library.custom_op("fusedattn::ham_gate_grad_s_triton", mutates_args=())
+def _gate_grad_s_triton(dy: Tensor, x: Tensor, a: Tensor, group: Tensor) -> Tensor:
+    return _kernels().gate_grad_s(dy, x, a, group)
+
+
+@torch.library.custom_op("fusedattn::ham_grad_a_triton", mutates_args=())
+def _grad_a_triton(x: Tensor, dy: Tensor, s: Tensor, group: Tensor, d_avg: Tensor, d_max: Tensor,
+                   argmax: Tensor, size0: int, size1: int) -> Tensor:
+    return _kernels().grad_a(x, dy, s, group, d_avg, d_max, argmax, size0, size1)
+
+
+@torch.library.custom_op("fusedattn::ham_grad_x_triton", mutates_args=())
+def _grad_x_triton(dy: Tensor, a: Tensor, s: Tensor, group: Tensor, d_avg: Tensor, d_max: Tensor,
+                   argmax: Tensor, size0: int, size1: int, d_mean_c: Tensor, d_max_c: Tensor,
+                   argmax_c: Tensor) -> Tensor:
+    return _kernels().grad_x(dy, a, s, group, d_avg, d_max, argmax, size0, size1, d_mean_c,
+                             d_max_c, argmax_c)
+
+
+_register_fakes("_triton")
+
+
 def _op(name: str):
     return getattr(torch.ops.fusedattn, name).default
+
+
+def passes(backend: str) -> dict:
+    """The six pass ops of a fused backend: the C++ ops (their CPU or CUDA kernel by the tensor's
+    device) for ``cpu`` and ``cuda``, the Triton custom ops for ``triton``."""
+    suffix = "_triton" if backend == "triton" else ""
+    return {name[len("ham_"):]: _op(name + suffix) for name in PASSES}
 
 
 # ----------------------------------------------------------------------------- small branches
@@ -177,43 +240,47 @@ class HAMFunction(torch.autograd.Function):
     """Fused HAM forward and backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, beta, w1, w_sp, bn_weight, bn_bias, module):
+    def forward(ctx, x, alpha, beta, w1, w_sp, bn_weight, bn_bias, module, backend):
+        op = passes(backend)
         C, hw = x.shape[1], tuple(x.shape[2:])
         sizes = (module.important, C - module.important)
-        mean_c, max_c, arg_c = _op("ham_pool_pixels")(x)
+        mean_c, max_c, arg_c = op["pool_pixels"](x)
         a = channel_attention(mean_c, max_c, alpha, beta, w1)
         group = ~ham_important_mask(a, module.important)  # True: sub-important
-        avg, mx, arg_g = _op("ham_pool_channels")(x, a, group, *sizes)
+        avg, mx, arg_g = op["pool_channels"](x, a, group, *sizes)
         training = module.bn.training
         inp = spatial_input(avg, mx, hw, sizes)
         z = spatial_logits(inp, w_sp)
         s = spatial_gates(z, sizes, module.bn, training, update_stats=True)
-        y = _op("ham_gate")(x, a, s, group)
+        y = op["gate"](x, a, s, group)
         ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp)
-        ctx.meta = (sizes, training, module.bn)
+        ctx.meta = (sizes, training, module.bn, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp = ctx.saved_tensors
-        sizes, training, bn = ctx.meta
+        sizes, training, bn, backend = ctx.meta
+        op = passes(backend)
         dy = layout.in_layout_of(dy, x)
         z = spatial_logits(inp, w_sp)  # recomputed: cheaper than keeping it (2 maps per sample)
         s = spatial_gates(z, sizes, bn, training, update_stats=False)
-        ds = _op("ham_gate_grad_s")(dy, x, a, group)
+        ds = op["gate_grad_s"](dy, x, a, group)
         d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn, training)
-        da = _op("ham_grad_a")(x, dy, s, group, d_avg, d_max, arg_g, *sizes)
+        da = op["grad_a"](x, dy, s, group, d_avg, d_max, arg_g, *sizes)
         # the small channel branch: vjp of its recomputation (torch.func: traceable by compile)
         _, vjp_a = torch.func.vjp(channel_attention, mean_c, max_c, alpha, beta, w1)
         d_mean, d_maxc, d_alpha, d_beta, d_w1 = vjp_a(da)
-        dx = _op("ham_grad_x")(dy, a, s, group, d_avg, d_max, arg_g, *sizes,
-                               d_mean.contiguous(), d_maxc.contiguous(), arg_c)
+        dx = op["grad_x"](dy, a, s, group, d_avg, d_max, arg_g, *sizes, d_mean.contiguous(),
+                          d_maxc.contiguous(), arg_c)
         return (dx, d_alpha, d_beta, d_w1, d_wsp.to(w_sp.dtype),
                 d_bnw.to(bn.weight.dtype).view_as(bn.weight),
-                d_bnb.to(bn.bias.dtype).view_as(bn.bias), None)
+                d_bnb.to(bn.bias.dtype).view_as(bn.bias), None, None)
 
 
-def ham(module, x: torch.Tensor) -> torch.Tensor:
-    """Fused HAM forward of ``module`` (a fusedattn.HAM) on x in a readable layout."""
+def ham(module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Fused HAM forward of ``module`` (a fusedattn.HAM) on x with the passes of ``backend``
+    (cpu, cuda or triton)."""
     return HAMFunction.apply(layout.readable(x), module.alpha, module.beta, module.conv1d.weight,
-                             module.spatial_conv.weight, module.bn.weight, module.bn.bias, module)
+                             module.spatial_conv.weight, module.bn.weight, module.bn.bias, module,
+                             backend)

@@ -1,0 +1,1163 @@
+// HAM's passes over full-size tensors, on CUDA tensors (spec/ham.md). csrc/cpu/ham.cpp is the
+// contract: the same math, outputs and argument checks (csrc/ham_check.h). Element (n, c, p) lies
+// at n sN + c sC + p sP: "planar" is the contiguous layout (sC = P, sP = 1), "cl" dense
+// channels-last (sC = 1, sP = C); 1x1 maps (both at once) take the cl kernels. Work shapes
+// (BX = 8..32 lanes along channel packs, BY = 256 / BX rows; packs are 16 bytes when aligned):
+//
+//  pixel reductions, per (n, c): pool_pixels (mean, max, argmax), grad_a (da)
+//   * planar: a warp per (plane, pixel split), lanes along pixels; shuffles combine the lanes.
+//   * cl: a block of BX x BY rows of pixels per (sample, channel tile, pixel split); the rows
+//     combine through shared memory in row order.
+//  channel reductions, per (n, g, p): pool_channels (avg, max, argmax), gate_grad_s (ds)
+//   * planar: a block of 32 pixel lanes x 8 channel rows per (sample, 32 pixels, channel split),
+//     the channels' (a, group) staged in shared memory 256 at a time; the rows combine through
+//     shared memory in row order.
+//   * cl: a block of BX x BY, one pixel per row; shuffles combine the row's lanes.
+//  elementwise, gate (y) and grad_x (dx): the pixel reductions' work items, without the combine.
+//
+// Where the other dimensions give too few work items, the reduced extent is split over blocks,
+// whose partials merge_splits combines in split order. Sums have a fixed order; an argmax is the
+// first index attaining the max (NaN largest, as torch.max; every combine of interleaved index
+// sets takes the lower index on equal values); no atomics: results are bitwise reproducible (the
+// split counts do not depend on the device). No floating-point division in the kernels (the
+// reciprocals come from the host). 64-bit element offsets; 32-bit grid and index math where it
+// fits (pixel and channel indices < 2^31). Loops over samples and batches are not unrolled: the
+// U loads of a batch give the memory parallelism. Launched on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "ham_check.h"
+#include "layout.h"
+
+namespace fusedattn {
+namespace {
+
+using namespace ham;
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+constexpr int kThreads = 256;           // threads per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 8;                // channel rows of the planar channel-reduction block
+constexpr int32_t kNone = INT32_MAX;    // argmax while only -inf was seen
+constexpr int64_t kTargetWarps = 8192;  // work items that fill an A100 / H100 (fixed, so that
+constexpr int64_t kTargetBlocks = 1024; // the splits and the sums' order do not vary by device)
+
+__device__ __forceinline__ int64_t lo(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// --------------------------------------------------------------------------------- building blocks
+
+// K consecutive values moved as one load or store (16 bytes for x; K sizeof(U) for small maps).
+template <typename U, int K>
+struct alignas(sizeof(U) * K) Pack {
+  U v[K];
+};
+
+template <int K, typename U>
+__device__ __forceinline__ Pack<U, K> load(const U* p) {
+  return *reinterpret_cast<const Pack<U, K>*>(p);
+}
+
+template <int K, typename U>
+__device__ __forceinline__ void store(U* p, const Pack<U, K>& v) {
+  *reinterpret_cast<Pack<U, K>*>(p) = v;
+}
+
+// for (i = first; i < end; i += step) in batches of U: the batch's loads, then its uses, in
+// rising i. The callbacks index their register arrays with the batch slot u (unrolled). 32-bit
+// indices: end < 2^31 (a pixel or channel count) and step U < 2^12, so i never wraps.
+template <int U, typename Load, typename Use>
+__device__ __forceinline__ void batched(uint32_t first, uint32_t end, uint32_t step, Load&& ld,
+                                        Use&& use) {
+#pragma unroll 1
+  for (uint32_t i = first; i < end; i += step * U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (i + u * step < end) ld(u, i + u * step);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (i + u * step < end) use(u, i + u * step);
+  }
+}
+
+// Running max over rising indices: v wins if larger, or NaN over a number (NaN is the largest, as
+// in torch.max); an equal value keeps the earlier index.
+template <typename A>
+__device__ __forceinline__ void take_max(A v, int32_t i, A& best, int32_t& arg) {
+  if (v > best || (isnan(v) && !isnan(best))) {
+    best = v;
+    arg = i;
+  }
+}
+
+// Max of two partials over interleaved index sets: on equal values (or two NaNs) the lower index.
+template <typename A>
+__device__ __forceinline__ void merge_max(A v, int32_t i, A& best, int32_t& arg) {
+  const bool vn = isnan(v), bn = isnan(best);
+  const bool win = (vn || bn) ? (vn && (!bn || i < arg)) : (v > best || (v == best && i < arg));
+  if (win) {
+    best = v;
+    arg = i;
+  }
+}
+
+// Sum / max over aligned groups of `width` lanes (a power of two <= 32); xor butterflies, so every
+// lane of a group ends with the same bits. All 32 lanes must take part.
+template <typename A>
+__device__ __forceinline__ A lanes_sum(A v, int width) {
+  for (int o = width >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename A>
+__device__ __forceinline__ void lanes_max(A& best, int32_t& arg, int width) {
+  for (int o = width >> 1; o > 0; o >>= 1) {
+    const A v = __shfl_xor_sync(0xffffffffu, best, o);
+    const int32_t i = __shfl_xor_sync(0xffffffffu, arg, o);
+    merge_max(v, i, best, arg);
+  }
+}
+
+// Where a reduction's results go: the final outputs (parts == 0), or the partials of split k at
+// k * parts + j. Final: sum * scale_g; max and argmax (none: 0) unless group g is empty (0, 0).
+template <typename A>
+struct Sink {
+  A* sum;
+  A* max;  // null: the op has no max
+  int32_t* arg;
+  int64_t parts;
+  A scale0, scale1;
+  bool zero0, zero1;
+
+  __device__ __forceinline__ void put(int64_t j, int split, int g, A s, A m, int32_t i) const {
+    if (parts) {
+      const int64_t o = split * parts + j;
+      sum[o] = s;
+      if (max) {
+        max[o] = m;
+        arg[o] = i;
+      }
+      return;
+    }
+    sum[j] = s * (g ? scale1 : scale0);
+    if (max) {
+      const bool z = g ? zero1 : zero0;
+      max[j] = z ? A(0) : m;
+      arg[j] = (z || i == kNone) ? 0 : i;
+    }
+  }
+};
+
+// Splits k = 0..S-1 of output j (rows x L outputs, group g = row & gmask), combined in split
+// order: the splits cover rising index ranges, so a strict max keeps the first index.
+template <typename A>
+__global__ void __launch_bounds__(kThreads) merge_splits(
+    const A* __restrict__ psum, const A* __restrict__ pmax, const int32_t* __restrict__ parg, int S,
+    int64_t rows, int64_t L, int gmask, Sink<A> out) {
+  const int64_t M = rows * L;
+#pragma unroll 1
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+#pragma unroll 1
+    for (int64_t col = int64_t(blockIdx.x) * kThreads + threadIdx.x; col < L;
+         col += int64_t(gridDim.x) * kThreads) {
+      const int64_t j = r * L + col;
+      A s = 0, m = A(-INFINITY);
+      int32_t i = kNone;
+      for (int k = 0; k < S; ++k) {
+        s += psum[k * M + j];
+        if (pmax) take_max(pmax[k * M + j], parg[k * M + j], m, i);
+      }
+      out.put(j, 0, int(r & gmask), s, m, i);
+    }
+}
+
+// The channel pooling's gradient maps (n, g, p) and the gate s. For channel c of group g:
+// d_avg / max(size_g, 1) + [argmax == c] d_max.
+template <typename A>
+struct PoolMaps {
+  const A* s;
+  const A* avg;
+  const A* max;
+  const int32_t* arg;
+  A inv0, inv1;
+};
+
+// ------------------------------------------------------------- planar: a warp per (plane, split)
+
+// Warp w of the grid: channel w / S, pixels [p0, p1) of split w % S. 32-bit: the host checks
+// C S < 2^31, and pixel indices are < P < 2^31.
+struct PlaneTask {
+  uint32_t c, s, p0, p1;
+};
+
+__device__ __forceinline__ bool plane_task(int C, int S, int64_t P, int64_t chunk, PlaneTask& t) {
+  const uint32_t w = blockIdx.x * uint32_t(kWarps) + (threadIdx.x >> 5);
+  if (w >= uint32_t(C) * uint32_t(S)) return false;  // whole warps
+  t.c = w / uint32_t(S);
+  t.s = w - t.c * uint32_t(S);
+  t.p0 = uint32_t(t.s * chunk);
+  t.p1 = uint32_t(lo(P, t.p0 + chunk));
+  return true;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) pool_pixels_planar(
+    const T* __restrict__ x, Sink<acc_t<T>> out, int64_t N, int C, int64_t P, int S, int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 2 : 8;
+  PlaneTask t;
+  if (!plane_task(C, S, P, chunk, t)) return;
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const T* xp = x + (n * C + t.c) * P;
+    A sum = 0, best = A(-INFINITY);
+    int32_t arg = kNone;
+    Pack<T, VEC> v[U];
+    batched<U>(
+        t.p0 + lane * VEC, t.p1, 32 * VEC, [&](int u, uint32_t p) { v[u] = load<VEC>(xp + p); },
+        [&](int u, uint32_t p) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const A f = A(v[u].v[k]);
+            sum += f;
+            take_max(f, int32_t(p + k), best, arg);
+          }
+        });
+    sum = lanes_sum(sum, 32);
+    lanes_max(best, arg, 32);
+    if (lane == 0) out.put(n * C + t.c, t.s, 0, sum, best, arg);
+  }
+}
+
+// da[n, c] = sum_p x (dy s_g + d_avg_g / size_g + [argmax_g == c] d_max_g), g = group of c.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) grad_a_planar(
+    const T* __restrict__ x, const T* __restrict__ dy, PoolMaps<acc_t<T>> m,
+    const bool* __restrict__ group, Sink<acc_t<T>> out, int64_t N, int C, int64_t P, int S,
+    int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 1 : 4;
+  PlaneTask t;
+  if (!plane_task(C, S, P, chunk, t)) return;
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const int64_t q = n * C + t.c;
+    const int g = group[q] ? 1 : 0;
+    const A inv = g ? m.inv1 : m.inv0;
+    const int64_t row = (n * 2 + g) * P;
+    const T* xp = x + q * P;
+    const T* dp = dy + q * P;
+    A acc = 0;
+    Pack<T, VEC> xv[U], dv[U];
+    Pack<A, VEC> sv[U], av[U], mv[U];
+    Pack<int32_t, VEC> iv[U];
+    batched<U>(
+        t.p0 + lane * VEC, t.p1, 32 * VEC,
+        [&](int u, uint32_t p) {
+          xv[u] = load<VEC>(xp + p);
+          dv[u] = load<VEC>(dp + p);
+          sv[u] = load<VEC>(m.s + row + p);
+          av[u] = load<VEC>(m.avg + row + p);
+          mv[u] = load<VEC>(m.max + row + p);
+          iv[u] = load<VEC>(m.arg + row + p);
+        },
+        [&](int u, uint32_t) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const A pool = av[u].v[k] * inv + (iv[u].v[k] == int32_t(t.c) ? mv[u].v[k] : A(0));
+            acc += A(xv[u].v[k]) * (A(dv[u].v[k]) * sv[u].v[k] + pool);
+          }
+        });
+    acc = lanes_sum(acc, 32);
+    if (lane == 0) out.put(q, t.s, 0, acc, A(0), 0);
+  }
+}
+
+// y = s[n, g(c), p] a_c x.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gate_planar(
+    const T* __restrict__ x, const acc_t<T>* __restrict__ a, const acc_t<T>* __restrict__ s,
+    const bool* __restrict__ group, T* __restrict__ y, int64_t N, int C, int64_t P, int S,
+    int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 2 : 4;
+  PlaneTask t;
+  if (!plane_task(C, S, P, chunk, t)) return;
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const int64_t q = n * C + t.c;
+    const A ac = a[q];
+    const A* sr = s + (n * 2 + (group[q] ? 1 : 0)) * P;
+    const T* xp = x + q * P;
+    T* yp = y + q * P;
+    Pack<T, VEC> xv[U];
+    Pack<A, VEC> sv[U];
+    batched<U>(
+        t.p0 + lane * VEC, t.p1, 32 * VEC,
+        [&](int u, uint32_t p) {
+          xv[u] = load<VEC>(xp + p);
+          sv[u] = load<VEC>(sr + p);
+        },
+        [&](int u, uint32_t p) {
+          Pack<T, VEC> o;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) o.v[k] = T(sv[u].v[k] * ac * A(xv[u].v[k]));
+          store<VEC>(yp + p, o);
+        });
+  }
+}
+
+// dx = dy s a + a (d_avg / size + [argmax_g == c] d_max) + d_mean_c / P + [p == argmax_c] d_max_c.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) grad_x_planar(
+    const T* __restrict__ dy, const acc_t<T>* __restrict__ a, PoolMaps<acc_t<T>> m,
+    const bool* __restrict__ group, const acc_t<T>* __restrict__ d_mean_c,
+    const acc_t<T>* __restrict__ d_max_c, const int32_t* __restrict__ argmax_c, acc_t<T> invP,
+    T* __restrict__ dx, int64_t N, int C, int64_t P, int S, int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 1 : 4;
+  PlaneTask t;
+  if (!plane_task(C, S, P, chunk, t)) return;
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const int64_t q = n * C + t.c;
+    const int g = group[q] ? 1 : 0;
+    const A ac = a[q], inv = g ? m.inv1 : m.inv0, dmean = d_mean_c[q] * invP, dmax = d_max_c[q];
+    const int32_t amax = argmax_c[q];
+    const int64_t row = (n * 2 + g) * P;
+    const T* dp = dy + q * P;
+    T* op = dx + q * P;
+    Pack<T, VEC> dv[U];
+    Pack<A, VEC> sv[U], av[U], mv[U];
+    Pack<int32_t, VEC> iv[U];
+    batched<U>(
+        t.p0 + lane * VEC, t.p1, 32 * VEC,
+        [&](int u, uint32_t p) {
+          dv[u] = load<VEC>(dp + p);
+          sv[u] = load<VEC>(m.s + row + p);
+          av[u] = load<VEC>(m.avg + row + p);
+          mv[u] = load<VEC>(m.max + row + p);
+          iv[u] = load<VEC>(m.arg + row + p);
+        },
+        [&](int u, uint32_t p) {
+          Pack<T, VEC> o;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const A pool = av[u].v[k] * inv + (iv[u].v[k] == int32_t(t.c) ? mv[u].v[k] : A(0));
+            A v = A(dv[u].v[k]) * sv[u].v[k] * ac + ac * pool + dmean;
+            if (int64_t(p) + k == amax) v += dmax;
+            o.v[k] = T(v);
+          }
+          store<VEC>(op + p, o);
+        });
+  }
+}
+
+// ----------------------------------------- channels-last: channel packs x pixel rows per block
+
+// Block b of grid.x: channel tile b / S (blockDim.x lanes of VEC channels), pixels [p0, p1) of
+// split b % S; threadIdx.y is the pixel row.
+struct ClTask {
+  int64_t tile_c, c;  // first channel of the tile, of this thread
+  uint32_t s, p0, p1;
+};
+
+template <int VEC>
+__device__ __forceinline__ ClTask cl_task(int S, int64_t P, int64_t chunk) {
+  const uint32_t tile = blockIdx.x / uint32_t(S);
+  ClTask t;
+  t.s = blockIdx.x - tile * uint32_t(S);
+  t.tile_c = int64_t(tile) * blockDim.x * VEC;
+  t.c = t.tile_c + threadIdx.x * VEC;
+  t.p0 = uint32_t(t.s * chunk);
+  t.p1 = uint32_t(lo(P, t.p0 + chunk));
+  return t;
+}
+
+// Column col of the tile (W channels wide) summed / maxed over the block's rows, in row order.
+template <typename A, bool MAX>
+__device__ __forceinline__ void merge_rows(const A* sh_sum, const A* sh_max, const int32_t* sh_arg,
+                                           int W, int col, A& s, A& m, int32_t& i) {
+  s = 0;
+  m = A(-INFINITY);
+  i = kNone;
+  for (int r = 0; r < int(blockDim.y); ++r) {
+    s += sh_sum[r * W + col];
+    if (MAX) merge_max(sh_max[r * W + col], sh_arg[r * W + col], m, i);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) pool_pixels_cl(
+    const T* __restrict__ x, Sink<acc_t<T>> out, int64_t N, int C, int64_t P, int S, int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 2 : 8;
+  __shared__ A sh_sum[kThreads * VEC], sh_max[kThreads * VEC];
+  __shared__ int32_t sh_arg[kThreads * VEC];
+  const ClTask t = cl_task<VEC>(S, P, chunk);
+  const int W = blockDim.x * VEC, slot = threadIdx.y * W + threadIdx.x * VEC;
+  const int col = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    A sum[VEC], best[VEC];
+    int32_t arg[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      sum[k] = 0;
+      best[k] = A(-INFINITY);
+      arg[k] = kNone;
+    }
+    if (t.c < C) {
+      const T* xs = x + n * P * C + t.c;
+      Pack<T, VEC> v[U];
+      batched<U>(
+          t.p0 + threadIdx.y, t.p1, blockDim.y,
+          [&](int u, uint32_t p) { v[u] = load<VEC>(xs + int64_t(p) * C); },
+          [&](int u, uint32_t p) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              const A f = A(v[u].v[k]);
+              sum[k] += f;
+              take_max(f, int32_t(p), best[k], arg[k]);
+            }
+          });
+    }
+    __syncthreads();  // the previous sample's merge has read the shared rows
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      sh_sum[slot + k] = sum[k];
+      sh_max[slot + k] = best[k];
+      sh_arg[slot + k] = arg[k];
+    }
+    __syncthreads();
+    if (col < W && t.tile_c + col < C) {
+      A s, m;
+      int32_t i;
+      merge_rows<A, true>(sh_sum, sh_max, sh_arg, W, col, s, m, i);
+      out.put(n * C + t.tile_c + col, t.s, 0, s, m, i);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) grad_a_cl(
+    const T* __restrict__ x, const T* __restrict__ dy, PoolMaps<acc_t<T>> m,
+    const bool* __restrict__ group, Sink<acc_t<T>> out, int64_t N, int C, int64_t P, int S,
+    int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 || sizeof(A) == 8 ? 2 : 4;
+  __shared__ A sh_sum[kThreads * VEC];
+  const ClTask t = cl_task<VEC>(S, P, chunk);
+  const int W = blockDim.x * VEC, slot = threadIdx.y * W + threadIdx.x * VEC;
+  const int col = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    A acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = 0;
+    if (t.c < C) {
+      const Pack<bool, VEC> gv = load<VEC>(group + n * C + t.c);
+      const int64_t r0 = n * 2 * P, r1 = r0 + P;
+      const T* xs = x + n * P * C + t.c;
+      const T* ds = dy + n * P * C + t.c;
+      Pack<T, VEC> xv[U], dv[U];
+      A s0[U], s1[U], w0[U], w1[U], m0[U], m1[U];
+      int32_t i0[U], i1[U];
+      batched<U>(
+          t.p0 + threadIdx.y, t.p1, blockDim.y,
+          [&](int u, uint32_t p) {
+            xv[u] = load<VEC>(xs + int64_t(p) * C);
+            dv[u] = load<VEC>(ds + int64_t(p) * C);
+            s0[u] = m.s[r0 + p];
+            s1[u] = m.s[r1 + p];
+            w0[u] = m.avg[r0 + p];
+            w1[u] = m.avg[r1 + p];
+            m0[u] = m.max[r0 + p];
+            m1[u] = m.max[r1 + p];
+            i0[u] = m.arg[r0 + p];
+            i1[u] = m.arg[r1 + p];
+          },
+          [&](int u, uint32_t) {
+            const A a0 = w0[u] * m.inv0, a1 = w1[u] * m.inv1;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              const bool g = gv.v[k];
+              const int64_t c = t.c + k;
+              const A pool = (g ? a1 : a0) + ((g ? i1[u] : i0[u]) == c ? (g ? m1[u] : m0[u]) : A(0));
+              acc[k] += A(xv[u].v[k]) * (A(dv[u].v[k]) * (g ? s1[u] : s0[u]) + pool);
+            }
+          });
+    }
+    __syncthreads();  // the previous sample's merge has read the shared rows
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sh_sum[slot + k] = acc[k];
+    __syncthreads();
+    if (col < W && t.tile_c + col < C) {
+      A s, mx;
+      int32_t i;
+      merge_rows<A, false>(sh_sum, nullptr, nullptr, W, col, s, mx, i);
+      out.put(n * C + t.tile_c + col, t.s, 0, s, mx, i);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gate_cl(
+    const T* __restrict__ x, const acc_t<T>* __restrict__ a, const acc_t<T>* __restrict__ s,
+    const bool* __restrict__ group, T* __restrict__ y, int64_t N, int C, int64_t P, int S,
+    int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 2 : 4;
+  const ClTask t = cl_task<VEC>(S, P, chunk);
+  if (t.c >= C) return;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const Pack<A, VEC> av = load<VEC>(a + n * C + t.c);
+    const Pack<bool, VEC> gv = load<VEC>(group + n * C + t.c);
+    const A* s0 = s + n * 2 * P;
+    const A* s1 = s0 + P;
+    const T* xs = x + n * P * C + t.c;
+    T* ys = y + n * P * C + t.c;
+    Pack<T, VEC> xv[U];
+    A sa[U], sb[U];
+    batched<U>(
+        t.p0 + threadIdx.y, t.p1, blockDim.y,
+        [&](int u, uint32_t p) {
+          xv[u] = load<VEC>(xs + int64_t(p) * C);
+          sa[u] = s0[p];
+          sb[u] = s1[p];
+        },
+        [&](int u, uint32_t p) {
+          Pack<T, VEC> o;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k)
+            o.v[k] = T((gv.v[k] ? sb[u] : sa[u]) * av.v[k] * A(xv[u].v[k]));
+          store<VEC>(ys + int64_t(p) * C, o);
+        });
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) grad_x_cl(
+    const T* __restrict__ dy, const acc_t<T>* __restrict__ a, PoolMaps<acc_t<T>> m,
+    const bool* __restrict__ group, const acc_t<T>* __restrict__ d_mean_c,
+    const acc_t<T>* __restrict__ d_max_c, const int32_t* __restrict__ argmax_c, acc_t<T> invP,
+    T* __restrict__ dx, int64_t N, int C, int64_t P, int S, int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 1 : (sizeof(A) == 8 ? 2 : 4);
+  const ClTask t = cl_task<VEC>(S, P, chunk);
+  if (t.c >= C) return;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const int64_t q = n * C + t.c;
+    const Pack<A, VEC> av = load<VEC>(a + q), dxc = load<VEC>(d_max_c + q);
+    const Pack<bool, VEC> gv = load<VEC>(group + q);
+    const Pack<int32_t, VEC> axc = load<VEC>(argmax_c + q);
+    Pack<A, VEC> dmc = load<VEC>(d_mean_c + q);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dmc.v[k] *= invP;
+    const int64_t r0 = n * 2 * P, r1 = r0 + P;
+    const T* ds = dy + n * P * C + t.c;
+    T* os = dx + n * P * C + t.c;
+    Pack<T, VEC> dv[U];
+    A s0[U], s1[U], w0[U], w1[U], m0[U], m1[U];
+    int32_t i0[U], i1[U];
+    batched<U>(
+        t.p0 + threadIdx.y, t.p1, blockDim.y,
+        [&](int u, uint32_t p) {
+          dv[u] = load<VEC>(ds + int64_t(p) * C);
+          s0[u] = m.s[r0 + p];
+          s1[u] = m.s[r1 + p];
+          w0[u] = m.avg[r0 + p];
+          w1[u] = m.avg[r1 + p];
+          m0[u] = m.max[r0 + p];
+          m1[u] = m.max[r1 + p];
+          i0[u] = m.arg[r0 + p];
+          i1[u] = m.arg[r1 + p];
+        },
+        [&](int u, uint32_t p) {
+          const A a0 = w0[u] * m.inv0, a1 = w1[u] * m.inv1;
+          Pack<T, VEC> o;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const bool g = gv.v[k];
+            const int64_t c = t.c + k;
+            const A ac = av.v[k];
+            const A pool = (g ? a1 : a0) + ((g ? i1[u] : i0[u]) == c ? (g ? m1[u] : m0[u]) : A(0));
+            A v = A(dv[u].v[k]) * (g ? s1[u] : s0[u]) * ac + ac * pool + dmc.v[k];
+            if (int64_t(p) == axc.v[k]) v += dxc.v[k];
+            o.v[k] = T(v);
+          }
+          store<VEC>(os + int64_t(p) * C, o);
+        });
+  }
+}
+
+// ------------------------------------------------------------------------- channel reductions
+// pool_channels (GRAD false): f = a_c x; per group g: sum of f over its channels, max over all
+// channels of (f if c in g else 0) with the first argmax. gate_grad_s (GRAD true): sum of dy a_c x.
+
+// A channel's weight and group, staged in shared memory (one 8- or 16-byte load).
+template <typename A>
+struct alignas(2 * sizeof(A)) ChannelW {
+  A a;
+  int32_t g;
+};
+
+// Planar: threadIdx.x = pixel lane (32 pixels per tile), threadIdx.y = channel row; block b of
+// grid.x is pixel tile b / S, channels [c0, c1) of split b % S. Row r takes channels r, r + 8, ...
+// of every piece of 256. The channel is the same across a warp, so the branch on its group is
+// uniform: only the own group's max is updated, and the masked-out 0 of the other group enters
+// once, as (0, first channel outside the group).
+template <typename T, bool GRAD>
+__global__ void __launch_bounds__(kThreads) channels_planar(
+    const T* __restrict__ x, const T* __restrict__ dy, const acc_t<T>* __restrict__ a,
+    const bool* __restrict__ group, Sink<acc_t<T>> out, int64_t N, int C, int64_t P, int S,
+    int64_t cchunk) {
+  using A = acc_t<T>;
+  constexpr int U = GRAD ? 4 : 8;
+  __shared__ ChannelW<A> sh_w[kThreads];
+  __shared__ A sh_sum[2][kRows][32], sh_max[2][kRows][32];
+  __shared__ int32_t sh_arg[2][kRows][32];
+  const uint32_t tile = blockIdx.x / uint32_t(S);
+  const int split = int(blockIdx.x - tile * uint32_t(S));
+  const int64_t p = int64_t(tile) * 32 + threadIdx.x;
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  const int64_t c0 = int64_t(split) * cchunk, c1 = lo(C, c0 + cchunk);
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    A sum0 = 0, sum1 = 0, best0 = A(-INFINITY), best1 = A(-INFINITY);
+    int32_t arg0 = kNone, arg1 = kNone, out0 = kNone, out1 = kNone;  // out_g: first channel not in g
+#pragma unroll 1
+    for (int64_t cb = c0; cb < c1; cb += kThreads) {
+      const int len = int(lo(kThreads, c1 - cb));
+      __syncthreads();  // the previous piece (or sample) is done with sh_w and the shared rows
+      if (tid < len) sh_w[tid] = {a[n * C + cb + tid], group[n * C + cb + tid] ? 1 : 0};
+      __syncthreads();
+      if (p >= P) continue;
+      const T* xp = x + (n * C + cb) * P + p;
+      const T* dp = GRAD ? dy + (n * C + cb) * P + p : nullptr;
+      T xv[U], dv[U];
+      batched<U>(
+          threadIdx.y, len, kRows,
+          [&](int u, uint32_t j) {
+            xv[u] = xp[j * P];
+            if (GRAD) dv[u] = dp[j * P];
+          },
+          [&](int u, uint32_t j) {
+            const ChannelW<A> w = sh_w[j];
+            const int32_t c = int32_t(cb + j);
+            if (GRAD) {
+              const A d = A(dv[u]) * w.a * A(xv[u]);
+              if (w.g) sum1 += d;
+              else sum0 += d;
+            } else {
+              const A f = w.a * A(xv[u]);
+              if (w.g) {
+                sum1 += f;
+                take_max(f, c, best1, arg1);
+                out0 = min(out0, c);
+              } else {
+                sum0 += f;
+                take_max(f, c, best0, arg0);
+                out1 = min(out1, c);
+              }
+            }
+          });
+    }
+    if (!GRAD) {
+      if (out0 != kNone) merge_max(A(0), out0, best0, arg0);
+      if (out1 != kNone) merge_max(A(0), out1, best1, arg1);
+    }
+    const int r = threadIdx.y, l = threadIdx.x;
+    sh_sum[0][r][l] = sum0;
+    sh_sum[1][r][l] = sum1;
+    if (!GRAD) {
+      sh_max[0][r][l] = best0;
+      sh_max[1][r][l] = best1;
+      sh_arg[0][r][l] = arg0;
+      sh_arg[1][r][l] = arg1;
+    }
+    __syncthreads();
+    if (threadIdx.y < 2 && p < P) {  // row g merges group g, rows in order
+      const int g = threadIdx.y;
+      A s = 0, m = A(-INFINITY);
+      int32_t i = kNone;
+      for (int k = 0; k < kRows; ++k) {
+        s += sh_sum[g][k][l];
+        if (!GRAD) merge_max(sh_max[g][k][l], sh_arg[g][k][l], m, i);
+      }
+      out.put((n * 2 + g) * P + p, split, g, s, m, i);
+    }
+  }
+}
+
+// Channels-last: threadIdx.x = lane along channel packs (blockDim.x lanes per pixel, within a
+// warp), threadIdx.y = pixel; each lane walks its packs in rising channel order, then shuffles
+// combine the lanes. Branch-free on the group (it varies across the lanes).
+template <typename T, int VEC, bool GRAD>
+__global__ void __launch_bounds__(kThreads) channels_cl(
+    const T* __restrict__ x, const T* __restrict__ dy, const acc_t<T>* __restrict__ a,
+    const bool* __restrict__ group, Sink<acc_t<T>> out, int64_t N, int C, int64_t P) {
+  using A = acc_t<T>;
+  constexpr int U = VEC > 1 ? 2 : 4;
+  const int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int width = blockDim.x;
+#pragma unroll 1
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    A sum0 = 0, sum1 = 0, best0 = A(-INFINITY), best1 = A(-INFINITY);
+    int32_t arg0 = kNone, arg1 = kNone;
+    if (p < P) {
+      const T* xr = x + (n * P + p) * C;
+      const T* dr = GRAD ? dy + (n * P + p) * C : nullptr;
+      const A* ar = a + n * C;
+      const bool* gr = group + n * C;
+      Pack<T, VEC> xv[U], dv[U];
+      Pack<A, VEC> av[U];
+      Pack<bool, VEC> gv[U];
+      batched<U>(
+          threadIdx.x * VEC, C, uint32_t(width) * VEC,
+          [&](int u, uint32_t c) {
+            xv[u] = load<VEC>(xr + c);
+            if (GRAD) dv[u] = load<VEC>(dr + c);
+            av[u] = load<VEC>(ar + c);
+            gv[u] = load<VEC>(gr + c);
+          },
+          [&](int u, uint32_t c) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              const bool g = gv[u].v[k];
+              const A f = GRAD ? A(dv[u].v[k]) * av[u].v[k] * A(xv[u].v[k])
+                               : av[u].v[k] * A(xv[u].v[k]);
+              sum0 += g ? A(0) : f;  // + 0 leaves the sum's value as it is
+              sum1 += g ? f : A(0);
+              if (!GRAD) {
+                take_max(g ? A(0) : f, int32_t(c + k), best0, arg0);
+                take_max(g ? f : A(0), int32_t(c + k), best1, arg1);
+              }
+            }
+          });
+    }
+    sum0 = lanes_sum(sum0, width);
+    sum1 = lanes_sum(sum1, width);
+    if (!GRAD) {
+      lanes_max(best0, arg0, width);
+      lanes_max(best1, arg1, width);
+    }
+    if (threadIdx.x == 0 && p < P) {
+      out.put((n * 2) * P + p, 0, 0, sum0, best0, arg0);
+      out.put((n * 2 + 1) * P + p, 0, 1, sum1, best1, arg1);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ host side
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));  // elements of a 16-byte pack
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// f(std::integral_constant<int, V>) with V = kVec<T> when `vec`, else 1.
+template <typename T, typename F>
+void with_vec(bool vec, F&& f) {
+  if (vec) f(std::integral_constant<int, kVec<T>>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
+// The gradient maps of the backward in packs of V (planar rows start at multiples of V when P is).
+template <typename A>
+bool maps_aligned(const PoolMaps<A>& m, int V) {
+  return aligned(m.s, V * sizeof(A)) && aligned(m.avg, V * sizeof(A)) &&
+         aligned(m.max, V * sizeof(A)) && aligned(m.arg, V * sizeof(int32_t));
+}
+
+// Lanes of a channels-last block: one per channel pack, rounded up to a power of two in [8, 32].
+int cl_lanes(int64_t C, int vec) {
+  const int64_t packs = ceil_div(C, vec);
+  int bx = 8;
+  while (bx < 32 && bx < packs) bx *= 2;
+  return bx;
+}
+
+// 16-byte packs along channels in channels-last tensors: whole packs, at least 8 per pixel.
+template <typename T>
+bool cl_vec(int64_t C) {
+  return C % kVec<T> == 0 && C / kVec<T> >= 8;
+}
+
+// S splits of `extent` into chunks (multiples of `align`, at least `min_len` long) so that
+// `units` work items times S reach `target`.
+struct Split {
+  int S;
+  int64_t chunk;
+};
+
+Split split_for(int64_t units, int64_t extent, int64_t align, int64_t min_len, int64_t target) {
+  int64_t s = units >= target ? 1 : ceil_div(target, units);
+  s = std::max<int64_t>(1, std::min(s, extent / min_len));
+  const int64_t chunk = ceil_div(ceil_div(extent, s), align) * align;
+  return {int(ceil_div(extent, chunk)), chunk};
+}
+
+// grid.x = x blocks (32-bit), grid.y over the samples (the kernels loop over the rest).
+dim3 grid_for(int64_t x, int64_t N) {
+  TORCH_CHECK(x <= INT32_MAX, "fusedattn HAM (CUDA): too many blocks for one launch: ", x);
+  return dim3(unsigned(x), unsigned(std::min<int64_t>(N, 65535)));
+}
+
+// Blocks of the planar warp-per-(plane, split) kernels (their 32-bit task math needs C S < 2^31).
+dim3 plane_grid(int64_t C, const Split& sp, int64_t N) {
+  TORCH_CHECK(C * sp.S < INT32_MAX, "fusedattn HAM (CUDA): too many planes for one launch");
+  return grid_for(ceil_div(C * sp.S, kWarps), N);
+}
+
+// A reduction's outputs: with S > 1 splits the kernel writes partials (S, M) that merge_splits
+// turns into the final outputs.
+template <typename A>
+struct Reduction {
+  Sink<A> fin, part;
+  at::Tensor psum, pmax, parg;
+  int S;
+
+  Reduction(const Sink<A>& final_sink, int S_, int64_t M, const at::TensorOptions& opts)
+      : fin(final_sink), part(final_sink), S(S_) {
+    if (S == 1) return;
+    psum = at::empty({S, M}, opts);
+    part.sum = psum.mutable_data_ptr<A>();
+    if (fin.max) {
+      pmax = at::empty({S, M}, opts);
+      parg = at::empty({S, M}, opts.dtype(at::kInt));
+      part.max = pmax.mutable_data_ptr<A>();
+      part.arg = parg.mutable_data_ptr<int32_t>();
+    }
+    part.parts = M;
+  }
+  const Sink<A>& first() const { return S > 1 ? part : fin; }
+
+  // rows x L outputs, group = row & gmask.
+  void merge(int64_t rows, int64_t L, int gmask, cudaStream_t stream) const {
+    if (S == 1) return;
+    merge_splits<A><<<grid_for(std::min<int64_t>(ceil_div(L, kThreads), 65535), rows), kThreads, 0,
+                      stream>>>(part.sum, part.max, part.arg, S, rows, L, gmask, fin);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+constexpr int64_t kMinPlaneSplit = 2048;  // pixels per split of a planar pixel reduction
+constexpr int64_t kMinChannelSplit = 64;  // channels per split of a planar channel reduction
+
+// ------------------------------------------------------------------------------------------ ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels_cuda(const at::Tensor& x) {
+  check_ham_x(x, "ham_pool_pixels");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geom G = geom(x);
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor mean = at::empty({G.N, G.C}, opts), mx = at::empty({G.N, G.C}, opts);
+  at::Tensor arg = at::empty({G.N, G.C}, x.options().dtype(at::kInt));
+  if (x.numel() == 0) return {mean.zero_(), mx.zero_(), arg.zero_()};
+  const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_pool_pixels_cuda", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T* xp = x.const_data_ptr<T>();
+    const A invP = A(1) / A(G.P);
+    const Sink<A> fin{mean.mutable_data_ptr<A>(), mx.mutable_data_ptr<A>(),
+                      arg.mutable_data_ptr<int32_t>(), 0, invP, invP, false, false};
+    if (!cl) {
+      with_vec<T>(G.P % kVec<T> == 0 && aligned(xp, 16), [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, kMinPlaneSplit, kTargetWarps);
+        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
+        pool_pixels_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
+            xp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        red.merge(G.N, G.C, 0, stream);
+      });
+    } else {
+      with_vec<T>(cl_vec<T>(G.C) && aligned(xp, 16), [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
+        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
+        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 16, kTargetBlocks);
+        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
+        pool_pixels_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
+            xp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        red.merge(G.N, G.C, 0, stream);
+      });
+    }
+  });
+  return {mean, mx, arg};
+}
+
+// pool_channels and gate_grad_s: the channel reductions of x (dy null: pool_channels) into fin.
+template <typename T>
+void channel_reduction(const at::Tensor& x, const at::Tensor* dy, const at::Tensor& a,
+                       const at::Tensor& group, const Sink<acc_t<T>>& fin) {
+  using A = acc_t<T>;
+  const Geom G = geom(x);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const T* xp = x.const_data_ptr<T>();
+  const T* dp = dy ? dy->const_data_ptr<T>() : nullptr;
+  const A* ap = a.const_data_ptr<A>();
+  const bool* gp = group.const_data_ptr<bool>();
+  if (G.sC != 1) {  // planar (1x1 maps take the channels-last path)
+    const int64_t tiles = ceil_div(G.P, 32);
+    const Split sp = split_for(G.N * tiles, G.C, kRows, kMinChannelSplit, kTargetBlocks);
+    const Reduction<A> red(fin, sp.S, G.N * 2 * G.P, x.options().dtype(acc_dtype(x)));
+    const dim3 grid = grid_for(tiles * sp.S, G.N), block(32, kRows);
+    if (dy)
+      channels_planar<T, true><<<grid, block, 0, stream>>>(xp, dp, ap, gp, red.first(), G.N, int(G.C),
+                                                           G.P, sp.S, sp.chunk);
+    else
+      channels_planar<T, false><<<grid, block, 0, stream>>>(xp, dp, ap, gp, red.first(), G.N, int(G.C),
+                                                            G.P, sp.S, sp.chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    red.merge(G.N * 2, G.P, 1, stream);
+    return;
+  }
+  const bool vec = cl_vec<T>(G.C) && aligned(xp, 16) && (!dp || aligned(dp, 16)) &&
+                   aligned(ap, kVec<T> * sizeof(A)) && aligned(gp, kVec<T>);
+  with_vec<T>(vec, [&](auto V) {
+    constexpr int VEC = decltype(V)::value;
+    const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
+    const dim3 grid = grid_for(ceil_div(G.P, by), G.N), block(bx, by);
+    if (dy)
+      channels_cl<T, VEC, true><<<grid, block, 0, stream>>>(xp, dp, ap, gp, fin, G.N, int(G.C), G.P);
+    else
+      channels_cl<T, VEC, false><<<grid, block, 0, stream>>>(xp, dp, ap, gp, fin, G.N, int(G.C), G.P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels_cuda(
+    const at::Tensor& x, const at::Tensor& a, const at::Tensor& group, int64_t size0, int64_t size1) {
+  check_ham_x(x, "ham_pool_channels");
+  const Geom G = geom(x);
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_pool_channels: a");
+  check_small(group, x, {G.N, G.C}, at::kBool, "ham_pool_channels: group");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor avg = at::empty({G.N, 2, G.P}, opts), mx = at::empty({G.N, 2, G.P}, opts);
+  at::Tensor arg = at::empty({G.N, 2, G.P}, x.options().dtype(at::kInt));
+  if (x.numel() == 0) return {avg.zero_(), mx.zero_(), arg.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_pool_channels_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const A inv0 = size0 ? A(1) / A(size0) : A(0), inv1 = size1 ? A(1) / A(size1) : A(0);
+    const Sink<A> fin{avg.mutable_data_ptr<A>(), mx.mutable_data_ptr<A>(),
+                      arg.mutable_data_ptr<int32_t>(), 0, inv0, inv1, size0 == 0, size1 == 0};
+    channel_reduction<scalar_t>(x, nullptr, a, group, fin);
+  });
+  return {avg, mx, arg};
+}
+
+at::Tensor gate_grad_s_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a,
+                            const at::Tensor& group) {
+  check_ham_x(x, "ham_gate_grad_s");
+  const Geom G = geom(x);
+  check_like_x(dy, x, "ham_gate_grad_s");
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_gate_grad_s: a");
+  check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate_grad_s: group");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor ds = at::empty({G.N, 2, G.P}, x.options().dtype(acc_dtype(x)));
+  if (x.numel() == 0) return ds.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_gate_grad_s_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const Sink<A> fin{ds.mutable_data_ptr<A>(), nullptr, nullptr, 0, A(1), A(1), false, false};
+    channel_reduction<scalar_t>(x, &dy, a, group, fin);
+  });
+  return ds;
+}
+
+template <typename A>
+PoolMaps<A> pool_maps(const at::Tensor& s, const at::Tensor& d_avg, const at::Tensor& d_max,
+                      const at::Tensor& argmax, int64_t size0, int64_t size1) {
+  return {s.const_data_ptr<A>(), d_avg.const_data_ptr<A>(), d_max.const_data_ptr<A>(),
+          argmax.const_data_ptr<int32_t>(), A(1) / A(std::max<int64_t>(size0, 1)),
+          A(1) / A(std::max<int64_t>(size1, 1))};
+}
+
+at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s,
+                       const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
+                       const at::Tensor& argmax, int64_t size0, int64_t size1) {
+  check_ham_x(x, "ham_grad_a");
+  const Geom G = geom(x);
+  check_like_x(dy, x, "ham_grad_a");
+  check_small(s, x, {G.N, 2, G.P}, acc_dtype(x), "ham_grad_a: s");
+  check_pool_grads(x, group, d_avg, d_max, argmax, "ham_grad_a");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor da = at::empty({G.N, G.C}, opts);
+  if (x.numel() == 0) return da.zero_();
+  const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_grad_a_cuda", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T* xp = x.const_data_ptr<T>();
+    const T* dp = dy.const_data_ptr<T>();
+    const bool* gp = group.const_data_ptr<bool>();
+    const PoolMaps<A> m = pool_maps<A>(s, d_avg, d_max, argmax, size0, size1);
+    const Sink<A> fin{da.mutable_data_ptr<A>(), nullptr, nullptr, 0, A(1), A(1), false, false};
+    const bool xy_aligned = aligned(xp, 16) && aligned(dp, 16);
+    if (!cl) {
+      with_vec<T>(G.P % kVec<T> == 0 && xy_aligned && maps_aligned(m, kVec<T>), [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, kMinPlaneSplit, kTargetWarps);
+        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
+        grad_a_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
+            xp, dp, m, gp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        red.merge(G.N, G.C, 0, stream);
+      });
+    } else {
+      with_vec<T>(cl_vec<T>(G.C) && xy_aligned && aligned(gp, kVec<T>), [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
+        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
+        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 16, kTargetBlocks);
+        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
+        grad_a_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
+            xp, dp, m, gp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        red.merge(G.N, G.C, 0, stream);
+      });
+    }
+  });
+  return da;
+}
+
+at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s,
+                     const at::Tensor& group) {
+  check_ham_x(x, "ham_gate");
+  const Geom G = geom(x);
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_gate: a");
+  check_small(s, x, {G.N, 2, G.P}, acc_dtype(x), "ham_gate: s");
+  check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate: group");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_gate_cuda", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T* xp = x.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    const A* ap = a.const_data_ptr<A>();
+    const A* sp_ = s.const_data_ptr<A>();
+    const bool* gp = group.const_data_ptr<bool>();
+    const bool xy_aligned = aligned(xp, 16) && aligned(yp, 16);
+    if (!cl) {
+      with_vec<T>(G.P % kVec<T> == 0 && xy_aligned && aligned(sp_, kVec<T> * sizeof(A)), [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, 32 * VEC * 4, kTargetWarps);
+        gate_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
+            xp, ap, sp_, gp, yp, G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      const bool vec = cl_vec<T>(G.C) && xy_aligned && aligned(ap, kVec<T> * sizeof(A)) &&
+                       aligned(gp, kVec<T>);
+      with_vec<T>(vec, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
+        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
+        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 8, kTargetBlocks);
+        gate_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
+            xp, ap, sp_, gp, yp, G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  });
+  return y;
+}
+
+at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s,
+                       const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
+                       const at::Tensor& argmax, int64_t size0, int64_t size1,
+                       const at::Tensor& d_mean_c, const at::Tensor& d_max_c,
+                       const at::Tensor& argmax_c) {
+  check_ham_x(dy, "ham_grad_x");
+  const Geom G = geom(dy);
+  check_small(a, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: a");
+  check_small(s, dy, {G.N, 2, G.P}, acc_dtype(dy), "ham_grad_x: s");
+  check_pool_grads(dy, group, d_avg, d_max, argmax, "ham_grad_x");
+  check_small(d_mean_c, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: d_mean_c");
+  check_small(d_max_c, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: d_max_c");
+  check_small(argmax_c, dy, {G.N, G.C}, at::kInt, "ham_grad_x: argmax_c");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor dx = at::empty_like(dy);
+  if (dy.numel() == 0) return dx;
+  const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "ham_grad_x_cuda", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const T* dp = dy.const_data_ptr<T>();
+    T* op = dx.mutable_data_ptr<T>();
+    const A* ap = a.const_data_ptr<A>();
+    const bool* gp = group.const_data_ptr<bool>();
+    const A* dmc = d_mean_c.const_data_ptr<A>();
+    const A* dxc = d_max_c.const_data_ptr<A>();
+    const int32_t* axc = argmax_c.const_data_ptr<int32_t>();
+    const PoolMaps<A> m = pool_maps<A>(s, d_avg, d_max, argmax, size0, size1);
+    const A invP = A(1) / A(G.P);
+    const bool xy_aligned = aligned(dp, 16) && aligned(op, 16);
+    if (!cl) {
+      with_vec<T>(G.P % kVec<T> == 0 && xy_aligned && maps_aligned(m, kVec<T>), [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, 32 * VEC * 4, kTargetWarps);
+        grad_x_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
+            dp, ap, m, gp, dmc, dxc, axc, invP, op, G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      const int V = kVec<T>;
+      const bool vec = cl_vec<T>(G.C) && xy_aligned && aligned(gp, V) && aligned(ap, V * sizeof(A)) &&
+                       aligned(dmc, V * sizeof(A)) && aligned(dxc, V * sizeof(A)) &&
+                       aligned(axc, V * sizeof(int32_t));
+      with_vec<T>(vec, [&](auto VV) {
+        constexpr int VEC = decltype(VV)::value;
+        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
+        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
+        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 8, kTargetBlocks);
+        grad_x_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
+            dp, ap, m, gp, dmc, dxc, axc, invP, op, G.N, int(G.C), G.P, sp.S, sp.chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
+  m.impl("ham_pool_pixels", &pool_pixels_cuda);
+  m.impl("ham_pool_channels", &pool_channels_cuda);
+  m.impl("ham_gate", &gate_cuda);
+  m.impl("ham_gate_grad_s", &gate_grad_s_cuda);
+  m.impl("ham_grad_a", &grad_a_cuda);
+  m.impl("ham_grad_x", &grad_x_cuda);
+}
+
+}  // namespace fusedattn

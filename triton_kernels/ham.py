@@ -1,0 +1,760 @@
+"""HAM's passes over full-size tensors in Triton (spec/ham.md; csrc/cpu/ham.cpp is the reference
+and states the contract: same outputs, shapes, dtypes and strides).
+
+Element ``(n, c, p)`` of ``x`` (and of ``dy``, ``y``, ``dx``, which share x's strides) lies at
+``n C P + c sC + p sP``: planar ``sC = P, sP = 1``, channels-last ``sC = 1, sP = C``. Every kernel
+works on ``[BLOCK_C, BLOCK_P]`` tiles of one sample whose unit-stride axis is a compile-time 1
+(``CL``), so both layouts are read in place with coalesced, vectorised rows; ``ALIGNED`` says the
+row stride (P planar, C channels-last) is a multiple of 16 bytes, which the kernels tell the
+compiler so that rows load as 128-bit vectors. Integer arguments are never specialised by the JIT
+(``do_not_specialize``): the compiled forms are exactly those ``aot_variants()`` lists. Offsets
+are 64-bit. Small tensors (``(N, C)``, ``(N, 2, P)``) are contiguous in the accumulation dtype
+ACC (fp32; fp64 for fp64 x); argmax indices int32; ``group`` is read as uint8 (0: group 0,
+1: group 1). A 1x1 map is read as channels-last (the same bytes), so its rows are the channels.
+
+Passes (g = g(c) the row's group, s_g/d_avg_g/d_max_g/argmax_g the (n, g, p) maps):
+
+- ``pool_pixels``: mean, max, first argmax over p of x[n, c]            (reduce P; N C outputs)
+- ``pool_channels``: sum_{c in g} a x / |g|, max over all c of [g(c)=g] a x, first argmax
+                                                                           (reduce C; N 2 P outputs)
+- ``gate``: y = s_g a x                                                  (elementwise)
+- ``gate_grad_s``: sum_{c in g} dy a x                                     (reduce C)
+- ``grad_a``: sum_p x (dy s_g + d_avg_g / max(|g|, 1) + [argmax_g = c] d_max_g)  (reduce P)
+- ``grad_x``: dy s_g a + a (d_avg_g / max(|g|,1) + [argmax_g = c] d_max_g) + d_mean_c / P
+  + [p = argmax_c] d_max_c                                                 (elementwise)
+
+Reductions keep a running state per tile element (lane) over a loop along the reduced axis in a
+fixed order, and reduce the tile once at the end: sums in ACC; maxima as (value, index) merged
+with a strict ``>`` (the earlier index wins ties) where NaN counts as the largest value (the first
+NaN wins), as torch.max and the CPU op do; the final reduction of the lanes takes the lanes equal
+to the max (or NaN when there is one) and the smallest index among them, which is exact.
+When the tiles of one sample give too few programs to fill the GPU (a small batch, or few rows
+to reduce over a long axis), the reduced axis is split into ``S`` contiguous ranges of whole
+tiles: program ``s`` writes its partial state to a workspace ``(S, R)`` and ``_combine_kernel``
+merges the ranges in order (sums in order, maxima with the same rule), so results stay
+deterministic; with ``S = 1`` the kernel writes the final outputs directly. No atomics.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_WARPS = 4
+CONTIG_BLOCK = 64           # tile extent along the unit-stride axis, in elements
+PROGRAMS_PER_SM = 8         # programs a reduction should offer per SM before it is not split
+MIN_SPLIT = 256             # elements of the reduced axis each split range covers at least
+DEFAULT_SMS = 132           # when no CUDA device says (the interpreter on CPU tensors)
+COMBINE_BLOCK = 512         # outputs per program of the split combine
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _hint(C, P, CL: tl.constexpr, ALIGNED: tl.constexpr, ptr):
+    """C and P, with the row stride (C channels-last, P planar) known to be a multiple of 16 bytes
+    of ptr's elements when ALIGNED (the launcher guarantees it; the rounding is then the
+    identity, and tells the compiler's alignment analysis what tl.multiple_of on an argument
+    does not)."""
+    VEC: tl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth
+    if ALIGNED:
+        if CL:
+            C = (C // VEC) * VEC
+        else:
+            P = (P // VEC) * VEC
+    return C, P
+
+
+@triton.jit
+def _offsets(n, c, p, C, P, CL: tl.constexpr):
+    """int64 offsets [BLOCK_C, BLOCK_P] of elements (n, c, p) of a full-size tensor."""
+    base = n.to(tl.int64) * C * P
+    if CL:
+        return base + c[:, None] + p[None, :].to(tl.int64) * C
+    else:
+        return base + c[:, None].to(tl.int64) * P + p[None, :]
+
+
+@triton.jit
+def _take(v, i, best, idx):
+    """Elementwise running max: v replaces best when larger or the first NaN (strict, so the
+    earlier index keeps ties)."""
+    t = (v > best) | ((v != v) & (best == best))
+    return tl.where(t, v, best), tl.where(t, i, idx)
+
+
+@triton.jit
+def _argmax_reduce(best, idx, AXIS: tl.constexpr):
+    """(max, first index) along AXIS of lanes that each hold (max, first index) of their part:
+    NaN is the largest value; among the lanes equal to the max (NaN lanes when there is one), the
+    smallest index. Built-in reductions only (a custom combine runs element by element in the
+    interpreter)."""
+    isnan = best != best
+    has_nan = tl.max(isnan.to(tl.int32), AXIS) > 0
+    m = tl.max(tl.where(isnan, float("-inf"), best), AXIS)
+    hit = tl.where(tl.expand_dims(has_nan, AXIS), isnan, best == tl.expand_dims(m, AXIS))
+    return tl.where(has_nan, float("nan"), m), tl.min(tl.where(hit, idx, 2147483647), AXIS)
+
+
+@triton.jit
+def _group_pair(ptr, n, p, P, pmask):
+    """The (n, 0, p) and (n, 1, p) entries of a contiguous (N, 2, P) map, as [BLOCK_P] vectors."""
+    o = n.to(tl.int64) * 2 * P + p
+    return tl.load(ptr + o, mask=pmask, other=0), tl.load(ptr + o + P, mask=pmask, other=0)
+
+
+@triton.jit
+def _gate_terms(in1, c, p, n, P, mask, pmask, s_ptr, d_avg_ptr, d_max_ptr, am_ptr, inv0, inv1,
+                CL: tl.constexpr):
+    """Per tile element, the row's group's s_g and the channel pooling's gradient w.r.t. f = a x,
+    d_avg_g / max(|g|, 1) + [argmax_g == c] d_max_g (in1: the row is in group 1). Planar tiles
+    gather the row's group directly (a thread's pixels are contiguous: vector loads, and only one
+    group's values held); channels-last tiles load both groups' [BLOCK_P] vectors and select (a
+    thread's elements are channels of few pixels)."""
+    if CL:
+        s0, s1 = _group_pair(s_ptr, n, p, P, pmask)
+        da0, da1 = _group_pair(d_avg_ptr, n, p, P, pmask)
+        dm0, dm1 = _group_pair(d_max_ptr, n, p, P, pmask)
+        am0, am1 = _group_pair(am_ptr, n, p, P, pmask)
+        sv = tl.where(in1, s1[None, :], s0[None, :])
+        pa = tl.where(in1, (da1 * inv1)[None, :], (da0 * inv0)[None, :])
+        dm = tl.where(in1, dm1[None, :], dm0[None, :])
+        am = tl.where(in1, am1[None, :], am0[None, :])
+    else:
+        o = (n.to(tl.int64) * 2 + in1.to(tl.int64)) * P + p[None, :]
+        sv = tl.load(s_ptr + o, mask=mask, other=0.0)
+        pa = tl.load(d_avg_ptr + o, mask=mask, other=0.0) * tl.where(in1, inv1, inv0)
+        dm = tl.load(d_max_ptr + o, mask=mask, other=0.0)
+        am = tl.load(am_ptr + o, mask=mask, other=0)
+    return sv, pa + tl.where(am == c[:, None], dm, 0.0)
+
+
+@triton.jit
+def _elementwise_tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CL: tl.constexpr):
+    """(n, channels, pixels) of this program's tile; neighbouring programs are neighbours along
+    the unit-stride axis."""
+    pid = tl.program_id(0)
+    cb_n = tl.cdiv(C, BLOCK_C)
+    pb_n = tl.cdiv(P, BLOCK_P)
+    if CL:
+        cb = pid % cb_n
+        t = pid // cb_n
+        pb = t % pb_n
+        n = t // pb_n
+    else:
+        pb = pid % pb_n
+        t = pid // pb_n
+        cb = t % cb_n
+        n = t // cb_n
+    return n, cb * BLOCK_C + tl.arange(0, BLOCK_C), pb * BLOCK_P + tl.arange(0, BLOCK_P)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+_INTS = ["C", "P", "S", "SPLIT", "R", "DIV", "size0", "size1"]
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _pool_pixels_kernel(x_ptr, sum_ptr, max_ptr, idx_ptr, C, P, S, SPLIT, R, DIV,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CL: tl.constexpr,
+                        ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """Program (n, channel block, split s): sum, max and first argmax over pixels
+    [s SPLIT, min(P, (s+1) SPLIT)); writes sum / DIV (DIV = P when S = 1: the mean)."""
+    C, P = _hint(C, P, CL, ALIGNED, x_ptr)
+    pid = tl.program_id(0)
+    s = pid % S
+    t = pid // S
+    cb_n = tl.cdiv(C, BLOCK_C)
+    n = t // cb_n
+    c = (t % cb_n) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    rp = tl.arange(0, BLOCK_P)
+    SPLIT = (SPLIT // BLOCK_P) * BLOCK_P  # a multiple of BLOCK_P (identity): aligned tiles
+    p_lo = s * SPLIT
+    p_hi = p_lo + tl.minimum(SPLIT, P - p_lo)  # no int32 overflow near P = 2^31
+    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
+    idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (p_lo + rp)[None, :]
+    for p0 in range(p_lo, p_hi, BLOCK_P):  # SPLIT is a multiple of BLOCK_P
+        p = p0 + rp
+        mask = cmask[:, None] & (p < P)[None, :]
+        v = tl.load(x_ptr + _offsets(n, c, p, C, P, CL), mask=mask, other=0.0).to(ACC)
+        acc += v
+        best, idx = _take(tl.where(mask, v, float("-inf")), p[None, :], best, idx)
+    mx, am = _argmax_reduce(best, idx, 1)
+    o = s.to(tl.int64) * R + n.to(tl.int64) * C + c
+    tl.store(sum_ptr + o, tl.sum(acc, axis=1) / DIV.to(ACC), mask=cmask)
+    tl.store(max_ptr + o, mx, mask=cmask)
+    tl.store(idx_ptr + o, am, mask=cmask)
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, S, SPLIT, R,
+                          size0, size1, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                          CL: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """Program (n, pixel block, split s) over channels [s SPLIT, min(C, (s+1) SPLIT)): per group
+    the sum of f = a x over its channels, and max / first argmax over all channels of f masked to
+    the group (a masked-out channel counts as 0). With S = 1 writes the final avg (sum / |g|) and
+    zeros for an empty group; otherwise the raw partial state."""
+    C, P = _hint(C, P, CL, ALIGNED, x_ptr)
+    pid = tl.program_id(0)
+    s = pid % S
+    t = pid // S
+    pb_n = tl.cdiv(P, BLOCK_P)
+    n = t // pb_n
+    p = (t % pb_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < P
+    rc = tl.arange(0, BLOCK_C)
+    SPLIT = (SPLIT // BLOCK_C) * BLOCK_C  # a multiple of BLOCK_C (identity): aligned tiles
+    c_lo = s * SPLIT
+    c_hi = c_lo + tl.minimum(SPLIT, C - c_lo)
+    sum0 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    sum1 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    best0 = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
+    best1 = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
+    idx0 = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (c_lo + rc)[:, None]
+    idx1 = idx0
+    nc = n.to(tl.int64) * C
+    for c0 in range(c_lo, c_hi, BLOCK_C):  # SPLIT is a multiple of BLOCK_C
+        c = c0 + rc
+        cmask = c < C
+        mask = cmask[:, None] & pmask[None, :]
+        xv = tl.load(x_ptr + _offsets(n, c, p, C, P, CL), mask=mask, other=0.0).to(ACC)
+        av = tl.load(a_ptr + nc + c, mask=cmask, other=0.0)
+        in1 = (tl.load(g_ptr + nc + c, mask=cmask, other=0) != 0)[:, None]
+        f = av[:, None] * xv
+        v0 = tl.where(in1, 0.0, f)
+        v1 = tl.where(in1, f, 0.0)
+        sum0 += v0
+        sum1 += v1
+        cc = c[:, None]
+        best0, idx0 = _take(tl.where(cmask[:, None], v0, float("-inf")), cc, best0, idx0)
+        best1, idx1 = _take(tl.where(cmask[:, None], v1, float("-inf")), cc, best1, idx1)
+    final = S == 1
+    o = s.to(tl.int64) * R + n.to(tl.int64) * 2 * P + p
+    m0, i0 = _argmax_reduce(best0, idx0, 0)
+    inv0 = tl.where(size0 > 0, 1.0 / tl.maximum(size0, 1).to(ACC), 0.0)
+    empty0 = final & (size0 == 0)
+    tl.store(sum_ptr + o, tl.where(final, tl.sum(sum0, axis=0) * inv0, tl.sum(sum0, axis=0)), mask=pmask)
+    tl.store(max_ptr + o, tl.where(empty0, 0.0, m0), mask=pmask)
+    tl.store(idx_ptr + o, tl.where(empty0, 0, i0), mask=pmask)
+    m1, i1 = _argmax_reduce(best1, idx1, 0)
+    inv1 = tl.where(size1 > 0, 1.0 / tl.maximum(size1, 1).to(ACC), 0.0)
+    empty1 = final & (size1 == 0)
+    tl.store(sum_ptr + o + P, tl.where(final, tl.sum(sum1, axis=0) * inv1, tl.sum(sum1, axis=0)), mask=pmask)
+    tl.store(max_ptr + o + P, tl.where(empty1, 0.0, m1), mask=pmask)
+    tl.store(idx_ptr + o + P, tl.where(empty1, 0, i1), mask=pmask)
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _gate_kernel(x_ptr, a_ptr, s_ptr, g_ptr, y_ptr, C, P, BLOCK_C: tl.constexpr,
+                 BLOCK_P: tl.constexpr, CL: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """y = s_g a x on one tile."""
+    C, P = _hint(C, P, CL, ALIGNED, x_ptr)
+    n, c, p = _elementwise_tile(C, P, BLOCK_C, BLOCK_P, CL)
+    cmask = c < C
+    pmask = p < P
+    mask = cmask[:, None] & pmask[None, :]
+    off = _offsets(n, c, p, C, P, CL)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+    nc = n.to(tl.int64) * C + c
+    a = tl.load(a_ptr + nc, mask=cmask, other=0.0)
+    in1 = (tl.load(g_ptr + nc, mask=cmask, other=0) != 0)[:, None]
+    s0, s1 = _group_pair(s_ptr, n, p, P, pmask)
+    sv = tl.where(in1, s1[None, :], s0[None, :])
+    tl.store(y_ptr + off, (sv * a[:, None] * x).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _gate_grad_s_kernel(dy_ptr, x_ptr, a_ptr, g_ptr, sum_ptr, C, P, S, SPLIT, R,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CL: tl.constexpr,
+                        ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """Program (n, pixel block, split s): per group the sum of dy a x over its channels in
+    [s SPLIT, min(C, (s+1) SPLIT))."""
+    C, P = _hint(C, P, CL, ALIGNED, x_ptr)
+    pid = tl.program_id(0)
+    s = pid % S
+    t = pid // S
+    pb_n = tl.cdiv(P, BLOCK_P)
+    n = t // pb_n
+    p = (t % pb_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < P
+    rc = tl.arange(0, BLOCK_C)
+    SPLIT = (SPLIT // BLOCK_C) * BLOCK_C  # a multiple of BLOCK_C (identity): aligned tiles
+    c_lo = s * SPLIT
+    c_hi = c_lo + tl.minimum(SPLIT, C - c_lo)
+    sum0 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    sum1 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    nc = n.to(tl.int64) * C
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c0 + rc
+        cmask = c < C
+        mask = cmask[:, None] & pmask[None, :]
+        off = _offsets(n, c, p, C, P, CL)
+        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
+        av = tl.load(a_ptr + nc + c, mask=cmask, other=0.0)
+        in1 = (tl.load(g_ptr + nc + c, mask=cmask, other=0) != 0)[:, None]
+        v = dv * av[:, None] * xv
+        sum0 += tl.where(in1, 0.0, v)
+        sum1 += tl.where(in1, v, 0.0)
+    o = s.to(tl.int64) * R + n.to(tl.int64) * 2 * P + p
+    tl.store(sum_ptr + o, tl.sum(sum0, axis=0), mask=pmask)
+    tl.store(sum_ptr + o + P, tl.sum(sum1, axis=0), mask=pmask)
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _grad_a_kernel(x_ptr, dy_ptr, s_ptr, g_ptr, d_avg_ptr, d_max_ptr, am_ptr, sum_ptr,
+                   C, P, S, SPLIT, R, size0, size1, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                   CL: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """Program (n, channel block, split s): sum over pixels [s SPLIT, min(P, (s+1) SPLIT)) of
+    x (dy s_g + pool gradient)."""
+    C, P = _hint(C, P, CL, ALIGNED, x_ptr)
+    pid = tl.program_id(0)
+    s = pid % S
+    t = pid // S
+    cb_n = tl.cdiv(C, BLOCK_C)
+    n = t // cb_n
+    c = (t % cb_n) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    nc = n.to(tl.int64) * C + c
+    in1 = (tl.load(g_ptr + nc, mask=cmask, other=0) != 0)[:, None]
+    inv0 = 1.0 / tl.maximum(size0, 1).to(ACC)
+    inv1 = 1.0 / tl.maximum(size1, 1).to(ACC)
+    rp = tl.arange(0, BLOCK_P)
+    SPLIT = (SPLIT // BLOCK_P) * BLOCK_P  # a multiple of BLOCK_P (identity): aligned tiles
+    p_lo = s * SPLIT
+    p_hi = p_lo + tl.minimum(SPLIT, P - p_lo)  # no int32 overflow near P = 2^31
+    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        p = p0 + rp
+        pmask = p < P
+        mask = cmask[:, None] & pmask[None, :]
+        off = _offsets(n, c, p, C, P, CL)
+        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
+        sv, pool = _gate_terms(in1, c, p, n, P, mask, pmask, s_ptr, d_avg_ptr, d_max_ptr, am_ptr,
+                               inv0, inv1, CL)
+        acc += xv * (dv * sv + pool)
+    o = s.to(tl.int64) * R + nc
+    tl.store(sum_ptr + o, tl.sum(acc, axis=1), mask=cmask)
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _grad_x_kernel(dy_ptr, a_ptr, s_ptr, g_ptr, d_avg_ptr, d_max_ptr, am_ptr, dmc_ptr, dxc_ptr,
+                   amc_ptr, dx_ptr, C, P, size0, size1, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr, CL: tl.constexpr, ALIGNED: tl.constexpr,
+                   ACC: tl.constexpr):
+    """dx = dy s_g a + a (pool gradient) + d_mean_c / P + [p == argmax_c] d_max_c on one tile."""
+    C, P = _hint(C, P, CL, ALIGNED, dy_ptr)
+    n, c, p = _elementwise_tile(C, P, BLOCK_C, BLOCK_P, CL)
+    cmask = c < C
+    pmask = p < P
+    mask = cmask[:, None] & pmask[None, :]
+    off = _offsets(n, c, p, C, P, CL)
+    dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
+    nc = n.to(tl.int64) * C + c
+    a = tl.load(a_ptr + nc, mask=cmask, other=0.0)[:, None]
+    in1 = (tl.load(g_ptr + nc, mask=cmask, other=0) != 0)[:, None]
+    dmc = tl.load(dmc_ptr + nc, mask=cmask, other=0.0)
+    dxc = tl.load(dxc_ptr + nc, mask=cmask, other=0.0)
+    amc = tl.load(amc_ptr + nc, mask=cmask, other=0)
+    inv0 = 1.0 / tl.maximum(size0, 1).to(ACC)
+    inv1 = 1.0 / tl.maximum(size1, 1).to(ACC)
+    invp = 1.0 / P.to(ACC)
+    sv, pool = _gate_terms(in1, c, p, n, P, mask, pmask, s_ptr, d_avg_ptr, d_max_ptr, am_ptr,
+                           inv0, inv1, CL)
+    v = dv * sv * a + a * pool + (dmc * invp)[:, None]
+    v = tl.where(p[None, :] == amc[:, None], v + dxc[:, None], v)
+    tl.store(dx_ptr + off, v.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_INTS)
+def _combine_kernel(sum_ws, max_ws, idx_ws, sum_ptr, max_ptr, idx_ptr, R, S, P, size0, size1,
+                    MODE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Merge S partial states (S, R) in order into the outputs (R): MODE 0 sums; MODE 1 pixel
+    pooling (mean = sum / P, max, argmax); MODE 2 channel pooling (rows (n, g, p): avg = sum / |g|,
+    max and argmax of the group, zeros for an empty group)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = r < R
+    total = tl.load(sum_ws + r, mask=rmask, other=0.0)
+    if MODE != 0:
+        best = tl.load(max_ws + r, mask=rmask, other=0.0)
+        idx = tl.load(idx_ws + r, mask=rmask, other=0)
+    for s in range(1, S):
+        o = R.to(tl.int64) * s + r
+        total += tl.load(sum_ws + o, mask=rmask, other=0.0)
+        if MODE != 0:
+            best, idx = _take(tl.load(max_ws + o, mask=rmask, other=0.0),
+                              tl.load(idx_ws + o, mask=rmask, other=0), best, idx)
+    if MODE == 0:
+        tl.store(sum_ptr + r, total, mask=rmask)
+    elif MODE == 1:
+        tl.store(sum_ptr + r, total / P.to(ACC), mask=rmask)
+        tl.store(max_ptr + r, best, mask=rmask)
+        tl.store(idx_ptr + r, idx, mask=rmask)
+    else:
+        in1 = (r // P) % 2 == 1
+        size = tl.where(in1, size1, size0)
+        inv = tl.where(size > 0, 1.0 / tl.maximum(size, 1).to(ACC), 0.0)
+        empty = size == 0
+        tl.store(sum_ptr + r, total * inv, mask=rmask)
+        tl.store(max_ptr + r, tl.where(empty, 0.0, best), mask=rmask)
+        tl.store(idx_ptr + r, tl.where(empty, 0, idx), mask=rmask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+PASSES = ("pool_pixels", "pool_channels", "gate", "gate_grad_s", "grad_a", "grad_x")
+_KERNELS = {"pool_pixels": _pool_pixels_kernel, "pool_channels": _pool_channels_kernel,
+            "gate": _gate_kernel, "gate_grad_s": _gate_grad_s_kernel, "grad_a": _grad_a_kernel,
+            "grad_x": _grad_x_kernel}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch specialisation of a pass: tile [block_c, block_p] and warps."""
+    block_c: int
+    block_p: int
+    num_warps: int
+
+
+def per_thread(pass_name: str, elem_bytes: int, aligned: bool) -> int:
+    """Tile elements per thread and iteration: two 16-byte vectors of each full-size tensor, or
+    one for the passes that carry many values per element (pool_channels: six running values,
+    two groups' sum, max and argmax; grad_a: both groups' s, d_avg, d_max and argmax at each of
+    the thread's pixels). Rows that are not 16-byte aligned load element by element, each with its
+    own 64-bit address: at most 4 per thread then. So every variant stays within 128 registers
+    with no spills (python -m fusedattn.aot)."""
+    vec = 16 // elem_bytes
+    ept = vec if pass_name in ("pool_channels", "grad_a") else 2 * vec
+    return ept if aligned else min(ept, 4)
+
+
+def config(pass_name: str, channels_last: bool, elem_bytes: int, aligned: bool) -> Config:
+    """The launcher's choice: NUM_WARPS warps of per_thread() elements each, CONTIG_BLOCK
+    elements along the unit-stride axis (P planar, C channels-last: 128 bytes of fp16 to 512 of
+    fp64 per row, whole sectors), the rest of the tile along the other axis. Shapes enter only
+    through the ALIGNED flag and the split of the reduced axis (splits()), never the tile."""
+    tile = 32 * NUM_WARPS * per_thread(pass_name, elem_bytes, aligned)
+    other = tile // CONTIG_BLOCK
+    if channels_last:
+        return Config(CONTIG_BLOCK, other, NUM_WARPS)
+    return Config(other, CONTIG_BLOCK, NUM_WARPS)
+
+
+def specializations() -> list[tuple[str, bool, int, bool, Config]]:
+    """Every (pass, channels_last, element bytes, aligned, Config) the launchers can pick."""
+    return [(name, cl, eb, al, config(name, cl, eb, al))
+            for name in PASSES for cl in (False, True) for eb in (2, 4, 8) for al in (True, False)]
+
+
+_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+             torch.float64: "fp64"}
+_FULL_PTRS = {"x_ptr", "dy_ptr", "y_ptr", "dx_ptr"}
+_INT_PTRS = {"idx_ptr", "am_ptr", "amc_ptr", "idx_ws"}
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _signature(kernel, t: str, st: str, consts: dict, int_ptr_type: str = "*i32"):
+    """Signature of ``kernel`` as the launcher calls it: full-size pointers of type t, the group
+    as *u8, argmax pointers *i32, other pointers of the accumulation type st, integers i32 (never
+    specialised), and the constexprs."""
+    sig = {}
+    for k in inspect.signature(kernel.fn).parameters:  # JITFunction or InterpretedFunction
+        if k in consts:
+            sig[k] = "constexpr"
+        elif k in _FULL_PTRS:
+            sig[k] = f"*{t}"
+        elif k == "g_ptr":
+            sig[k] = "*u8"
+        elif k in _INT_PTRS:
+            sig[k] = int_ptr_type
+        elif k.endswith("_ptr") or k.endswith("_ws"):
+            sig[k] = f"*{st}"
+        else:
+            sig[k] = "i32"
+    assert set(consts) <= set(sig), (kernel, consts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(sig.values()) if v.startswith("*")}
+    return sig, attrs
+
+
+def aot_variants():
+    """(name, kernel, signature, constexprs, attrs, num_warps) of every compiled form the
+    launchers can produce (``python -m fusedattn.aot``): each pass's specialisation x each dtype
+    of its element size x ALIGNED (the row stride a multiple of 16 bytes, or not), and the split
+    combine per mode and accumulation dtype. Integer arguments are plain i32 (the kernels opt out
+    of the JIT's specialisation of integers); pointers are 16-byte aligned, as torch allocates."""
+    for name, cl, eb, aligned, cfg in specializations():
+        for dtype in (d for d in _TL_NAMES if torch.empty((), dtype=d).element_size() == eb):
+            t = _TL_NAMES[dtype]
+            st = "fp64" if dtype == torch.float64 else "fp32"
+            consts = {"BLOCK_C": cfg.block_c, "BLOCK_P": cfg.block_p, "CL": cl,
+                      "ALIGNED": aligned, "ACC": _acc(dtype)}
+            kernel = _KERNELS[name]
+            sig, attrs = _signature(kernel, t, st, consts)
+            yield (f"ham_{name}_{t}_{'cl' if cl else 'planar'}_c{cfg.block_c}_p{cfg.block_p}_"
+                   f"{'aligned' if aligned else 'any'}", kernel, sig, consts, attrs, cfg.num_warps)
+    for st, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+        for mode in (0, 1, 2):
+            consts = {"MODE": mode, "BLOCK": COMBINE_BLOCK, "ACC": _acc(dtype)}
+            sig, attrs = _signature(_combine_kernel, st, st, consts,
+                                    int_ptr_type="*i32" if mode else f"*{st}")
+            yield (f"ham_combine_{['sum', 'pixels', 'channels'][mode]}_{st}", _combine_kernel, sig,
+                   consts, attrs, NUM_WARPS)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class _Geom:
+    N: int
+    C: int
+    P: int
+    cl: bool        # channels-last addressing (unit stride along C)
+    aligned: bool   # the row stride (C if cl else P) is a multiple of 16 bytes
+
+
+def _geometry(x: torch.Tensor, op: str) -> _Geom:
+    """Geometry of a rank-4 tensor that is contiguous or dense channels-last, as csrc/layout.h
+    reads it (a contiguous tensor first; a 1x1 map is channels-last, the same bytes)."""
+    if x.dim() != 4:
+        raise ValueError(f"ham_{op}: expected (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _TL_NAMES:
+        raise TypeError(f"ham_{op}: expected an fp16, bf16, fp32 or fp64 tensor, got {x.dtype}")
+    N, C, H, W = x.shape
+    P = H * W
+    if x.is_contiguous():
+        cl = P == 1
+    elif _dense_channels_last(x):
+        cl = True
+    else:
+        raise ValueError(f"ham_{op}: expected a contiguous or dense channels_last tensor, got "
+                         f"strides {x.stride()} for shape {tuple(x.shape)}")
+    if C >= 2**31 - 1 or P >= 2**31 - 1:
+        raise ValueError(f"ham_{op}: C and H W must fit int32 argmax indices, got {tuple(x.shape)}")
+    vec = 16 // x.element_size()
+    return _Geom(N, C, P, cl, (C if cl else P) % vec == 0)
+
+
+def _dense_channels_last(x: torch.Tensor) -> bool:
+    expected = 1
+    for dim in (1, 3, 2, 0):
+        if x.shape[dim] != 1 and x.stride(dim) != expected:
+            return False
+        expected *= x.shape[dim]
+    return True
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_small(t: torch.Tensor, x: torch.Tensor, shape, dtype, what: str):
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous() or t.device != x.device:
+        raise ValueError(f"{what}: expected a contiguous {dtype} tensor of shape {tuple(shape)} on "
+                         f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _check_like(dy: torch.Tensor, x: torch.Tensor, op: str):
+    if dy.shape != x.shape or dy.stride() != x.stride() or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"ham_{op}: dy must have x's shape, strides, dtype and device")
+
+
+def _check_pool_grads(x, G, group, d_avg, d_max, argmax, op):
+    acc = _acc_dtype(x)
+    _check_small(group, x, (G.N, G.C), torch.bool, f"ham_{op}: group")
+    _check_small(d_avg, x, (G.N, 2, G.P), acc, f"ham_{op}: d_avg")
+    _check_small(d_max, x, (G.N, 2, G.P), acc, f"ham_{op}: d_max")
+    _check_small(argmax, x, (G.N, 2, G.P), torch.int32, f"ham_{op}: argmax")
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _sm_counts:
+        _sm_counts[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _sm_counts[key]
+
+
+def splits(programs: int, extent: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(S, SPLIT): split a reduced axis of ``extent`` elements, tiled by ``block``, into S ranges
+    of SPLIT elements (a multiple of block, none empty) when ``programs`` unsplit programs are fewer
+    than PROGRAMS_PER_SM per SM; each range covers at least MIN_SPLIT elements."""
+    tiles = triton.cdiv(extent, block)
+    target = PROGRAMS_PER_SM * _sm_count(device)
+    per_min = max(1, triton.cdiv(MIN_SPLIT, block))
+    want = min(triton.cdiv(target, max(programs, 1)), tiles // per_min)
+    if programs >= target or want <= 1:
+        return 1, tiles * block
+    per = triton.cdiv(tiles, want)
+    return triton.cdiv(tiles, per), per * block
+
+
+def _launch_args(G: _Geom, x: torch.Tensor, name: str):
+    cfg = config(name, G.cl, x.element_size(), G.aligned)
+    return cfg, dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CL=G.cl, ALIGNED=G.aligned,
+                     ACC=_acc(x.dtype), num_warps=cfg.num_warps)
+
+
+def _new(x: torch.Tensor):
+    """Allocator of the small outputs: zeros for an empty x (nothing launches), else uninitialised
+    (the kernels write every element; no memset launch)."""
+    fill = torch.zeros if x.numel() == 0 else torch.empty
+    return lambda shape, dtype: fill(shape, dtype=dtype, device=x.device)
+
+
+def _combine(mode: int, ws_sum, ws_max, ws_idx, out_sum, out_max, out_idx, S, P=1, size0=0, size1=0):
+    R = out_sum.numel()
+    _combine_kernel[(triton.cdiv(R, COMBINE_BLOCK),)](
+        ws_sum, ws_max, ws_idx, out_sum, out_max, out_idx, R, S, P, size0, size1, MODE=mode,
+        BLOCK=COMBINE_BLOCK, ACC=_acc(out_sum.dtype), num_warps=NUM_WARPS)
+
+
+def pool_pixels(x: torch.Tensor):
+    """(mean, max, argmax) over the H W pixels of every (n, c): (N, C) in the accumulation dtype,
+    argmax int32 (first index; NaN is the largest value)."""
+    G = _geometry(x, "pool_pixels")
+    acc = _acc_dtype(x)
+    new = _new(x)
+    mean, mx, arg = new((G.N, G.C), acc), new((G.N, G.C), acc), new((G.N, G.C), torch.int32)
+    if x.numel() == 0:
+        return mean, mx, arg
+    cfg, kw = _launch_args(G, x, "pool_pixels")
+    programs = G.N * triton.cdiv(G.C, cfg.block_c)
+    S, split = splits(programs, G.P, cfg.block_p, x.device)
+    if S == 1:
+        outs = (mean, mx, arg)
+    else:
+        outs = (torch.empty((S, G.N, G.C), dtype=acc, device=x.device),
+                torch.empty((S, G.N, G.C), dtype=acc, device=x.device),
+                torch.empty((S, G.N, G.C), dtype=torch.int32, device=x.device))
+    _pool_pixels_kernel[(programs * S,)](x, *outs, G.C, G.P, S, split, G.N * G.C,
+                                         G.P if S == 1 else 1, **kw)
+    if S > 1:
+        _combine(1, *outs, mean, mx, arg, S, P=G.P)
+    return mean, mx, arg
+
+
+def pool_channels(x: torch.Tensor, a: torch.Tensor, group: torch.Tensor, size0: int, size1: int):
+    """(avg, max, argmax), each (N, 2, P): per group g, the mean over its channels of a x, and the
+    max over all channels of a x masked to g (a masked-out channel counts as 0) with its first
+    channel index; an empty group gives zeros."""
+    G = _geometry(x, "pool_channels")
+    acc = _acc_dtype(x)
+    _check_small(a, x, (G.N, G.C), acc, "ham_pool_channels: a")
+    _check_small(group, x, (G.N, G.C), torch.bool, "ham_pool_channels: group")
+    new = _new(x)
+    avg, mx, arg = new((G.N, 2, G.P), acc), new((G.N, 2, G.P), acc), new((G.N, 2, G.P), torch.int32)
+    if x.numel() == 0:
+        return avg, mx, arg
+    cfg, kw = _launch_args(G, x, "pool_channels")
+    programs = G.N * triton.cdiv(G.P, cfg.block_p)
+    S, split = splits(programs, G.C, cfg.block_c, x.device)
+    if S == 1:
+        outs = (avg, mx, arg)
+    else:
+        outs = (torch.empty((S, G.N, 2, G.P), dtype=acc, device=x.device),
+                torch.empty((S, G.N, 2, G.P), dtype=acc, device=x.device),
+                torch.empty((S, G.N, 2, G.P), dtype=torch.int32, device=x.device))
+    _pool_channels_kernel[(programs * S,)](x, a, group.view(torch.uint8), *outs, G.C, G.P, S,
+                                           split, G.N * 2 * G.P, int(size0), int(size1), **kw)
+    if S > 1:
+        _combine(2, *outs, avg, mx, arg, S, P=G.P, size0=int(size0), size1=int(size1))
+    return avg, mx, arg
+
+
+def gate(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """y = s[n, g(c), p] a[n, c] x, in x's dtype and strides."""
+    G = _geometry(x, "gate")
+    acc = _acc_dtype(x)
+    _check_small(a, x, (G.N, G.C), acc, "ham_gate: a")
+    _check_small(s, x, (G.N, 2, G.P), acc, "ham_gate: s")
+    _check_small(group, x, (G.N, G.C), torch.bool, "ham_gate: group")
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    cfg, kw = _launch_args(G, x, "gate")
+    grid = (G.N * triton.cdiv(G.C, cfg.block_c) * triton.cdiv(G.P, cfg.block_p),)
+    _gate_kernel[grid](x, a, s, group.view(torch.uint8), y, G.C, G.P, **kw)
+    return y
+
+
+def gate_grad_s(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """ds[n, g, p] = sum over the channels c of group g of dy a x: (N, 2, P), accumulation dtype."""
+    G = _geometry(x, "gate_grad_s")
+    _check_like(dy, x, "gate_grad_s")
+    acc = _acc_dtype(x)
+    _check_small(a, x, (G.N, G.C), acc, "ham_gate_grad_s: a")
+    _check_small(group, x, (G.N, G.C), torch.bool, "ham_gate_grad_s: group")
+    ds = _new(x)((G.N, 2, G.P), acc)
+    if x.numel() == 0:
+        return ds
+    cfg, kw = _launch_args(G, x, "gate_grad_s")
+    programs = G.N * triton.cdiv(G.P, cfg.block_p)
+    S, split = splits(programs, G.C, cfg.block_c, x.device)
+    out = ds if S == 1 else torch.empty((S, G.N, 2, G.P), dtype=acc, device=x.device)
+    _gate_grad_s_kernel[(programs * S,)](dy, x, a, group.view(torch.uint8), out, G.C, G.P, S,
+                                         split, G.N * 2 * G.P, **kw)
+    if S > 1:
+        _combine(0, out, out, out, ds, ds, ds, S)
+    return ds
+
+
+def grad_a(x: torch.Tensor, dy: torch.Tensor, s: torch.Tensor, group: torch.Tensor,
+           d_avg: torch.Tensor, d_max: torch.Tensor, argmax: torch.Tensor, size0: int,
+           size1: int) -> torch.Tensor:
+    """da[n, c] = sum over pixels of x (dy s_g + d_avg_g / max(|g|, 1) + [argmax_g == c] d_max_g),
+    g = g(c): (N, C), accumulation dtype."""
+    G = _geometry(x, "grad_a")
+    _check_like(dy, x, "grad_a")
+    acc = _acc_dtype(x)
+    _check_small(s, x, (G.N, 2, G.P), acc, "ham_grad_a: s")
+    _check_pool_grads(x, G, group, d_avg, d_max, argmax, "grad_a")
+    da = _new(x)((G.N, G.C), acc)
+    if x.numel() == 0:
+        return da
+    cfg, kw = _launch_args(G, x, "grad_a")
+    programs = G.N * triton.cdiv(G.C, cfg.block_c)
+    S, split = splits(programs, G.P, cfg.block_p, x.device)
+    out = da if S == 1 else torch.empty((S, G.N, G.C), dtype=acc, device=x.device)
+    _grad_a_kernel[(programs * S,)](x, dy, s, group.view(torch.uint8), d_avg, d_max, argmax, out,
+                                    G.C, G.P, S, split, G.N * G.C, int(size0), int(size1), **kw)
+    if S > 1:
+        _combine(0, out, out, out, da, da, da, S)
+    return da
+
+
+def grad_x(dy: torch.Tensor, a: torch.Tensor, s: torch.Tensor, group: torch.Tensor,
+           d_avg: torch.Tensor, d_max: torch.Tensor, argmax: torch.Tensor, size0: int, size1: int,
+           d_mean_c: torch.Tensor, d_max_c: torch.Tensor, argmax_c: torch.Tensor) -> torch.Tensor:
+    """dx = dy s_g a + a (d_avg_g / max(|g|, 1) + [argmax_g == c] d_max_g) + d_mean_c / P
+    + [p == argmax_c] d_max_c, in dy's dtype and strides."""
+    G = _geometry(dy, "grad_x")
+    acc = _acc_dtype(dy)
+    _check_small(a, dy, (G.N, G.C), acc, "ham_grad_x: a")
+    _check_small(s, dy, (G.N, 2, G.P), acc, "ham_grad_x: s")
+    _check_pool_grads(dy, G, group, d_avg, d_max, argmax, "grad_x")
+    _check_small(d_mean_c, dy, (G.N, G.C), acc, "ham_grad_x: d_mean_c")
+    _check_small(d_max_c, dy, (G.N, G.C), acc, "ham_grad_x: d_max_c")
+    _check_small(argmax_c, dy, (G.N, G.C), torch.int32, "ham_grad_x: argmax_c")
+    dx = torch.empty_like(dy)
+    if dy.numel() == 0:
+        return dx
+    cfg, kw = _launch_args(G, dy, "grad_x")
+    grid = (G.N * triton.cdiv(G.C, cfg.block_c) * triton.cdiv(G.P, cfg.block_p),)
+    _grad_x_kernel[grid](dy, a, s, group.view(torch.uint8), d_avg, d_max, argmax, d_mean_c,
+                         d_max_c, argmax_c, dx, G.C, G.P, int(size0), int(size1), **kw)
+    return dx
