@@ -97,6 +97,20 @@ def test_ties_select_the_same_channels_as_the_reference(backend_device):
     assert_close64(fused(x), ref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channel_split_matches_the_stable_sort(dtype):
+    from fusedattn.ops.ham import important_mask
+    for N, C in [(8, 2048), (5, 64), (3, 5), (2, 2), (4, 19)]:
+        a = torch.rand(N, C, dtype=dtype)
+        a[:, : C // 3] = a[:, C - C // 3:]  # exact ties
+        for q in (None, 4, 1):
+            b = a if q is None else torch.round(a * q) / q
+            b[0, min(5, C - 1)] = float("nan")
+            for important in sorted({0, 1, C // 2, reference.ham_important_channels(C, 0.6), C}):
+                assert torch.equal(important_mask(b, important),
+                                   reference.ham_important_mask(b, important)), (N, C, important)
+
+
 def test_max_ties_send_the_gradient_to_the_first_index(backend_device):
     _, device = backend_device
     ref, fused = _pair(4, device=device)

@@ -17,7 +17,7 @@ Backward (x read twice, dy three times, dx written once, no full-size temporarie
     z = conv7x7(saved conv input); d_avg, d_max, d(conv, bn) <- spatial_backward (by hand; the
                                  input's gradient as a conv with the flipped kernel)
     da = ham_grad_a(x, dy, s, group, d_avg, d_max, argmax_g)    # sum over pixels
-    d_mean_c, d_max_c, d(alpha, beta, conv1d) <- vjp of the recomputed small channel branch
+    d_mean_c, d_max_c, d(alpha, beta, conv1d) <- channel_backward (by hand, from a)
     dx = ham_grad_x(dy, a, s, group, d_avg, d_max, argmax_g, d_mean_c, d_max_c, argmax_c)
 
 Autograd keeps x plus small tensors: per (n, c) the channel statistics, a and the split; per
@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ..reference import ham_important_mask
 from . import layout
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -152,6 +151,38 @@ def channel_attention(mean_c, max_c, alpha, beta, w1):
     return torch.sigmoid(F.conv1d(add.unsqueeze(1), w1.to(dt), padding=k // 2)).squeeze(1)
 
 
+def important_mask(a: torch.Tensor, important: int) -> torch.Tensor:
+    """The reference's channel split (``ham_important_mask``: the ``important`` largest a per
+    sample, ties to the lower index, NaN largest) without a sort: the threshold is the
+    important-th largest value (kthvalue, O(C)); values above it are in, and of the values equal
+    to it the lowest-indexed ones fill the rest."""
+    C = a.shape[1]
+    if important <= 0 or important >= C:
+        return torch.full_like(a, important > 0, dtype=torch.bool)
+    key = torch.nan_to_num(a.detach(), nan=2.0)  # a is a sigmoid: NaN above every value
+    t = key.kthvalue(C - important + 1, dim=1, keepdim=True).values
+    above, tie = key > t, key == t
+    need = important - above.sum(1, keepdim=True)
+    return above | (tie & (tie.cumsum(1) <= need))
+
+
+def channel_backward(da, a, mean_c, max_c, alpha, beta, w1):
+    """Gradients of channel_attention from a = sigmoid(conv1d(add)), by hand: d_mean_c, d_max_c
+    (N, C) and d_alpha, d_beta, d_w1 in the parameters' dtypes."""
+    dt = mean_c.dtype
+    k = w1.shape[-1]
+    add = 0.5 * (mean_c + max_c) + alpha.to(dt) * mean_c + beta.to(dt) * max_c
+    d_pre = (da * a * (1 - a)).unsqueeze(1)  # (N, 1, C)
+    d_add = F.conv1d(d_pre, w1.to(dt).flip(-1), padding=k // 2).squeeze(1)  # the flipped kernel
+    windows = F.pad(add, (k // 2, k // 2)).unfold(-1, k, 1)  # (N, C, k): the conv's inputs
+    d_w1 = torch.einsum("nc,nck->k", d_pre.squeeze(1), windows).view_as(w1).to(w1.dtype)
+    d_mean = d_add * (0.5 + alpha.to(dt))
+    d_max = d_add * (0.5 + beta.to(dt))
+    d_alpha = (d_add * mean_c).sum().to(alpha.dtype)
+    d_beta = (d_add * max_c).sum().to(beta.dtype)
+    return d_mean, d_max, d_alpha, d_beta, d_w1
+
+
 def _groups(sizes):
     return [g for g in (0, 1) if sizes[g] > 0]
 
@@ -246,7 +277,7 @@ class HAMFunction(torch.autograd.Function):
         sizes = (module.important, C - module.important)
         mean_c, max_c, arg_c = op["pool_pixels"](x)
         a = channel_attention(mean_c, max_c, alpha, beta, w1)
-        group = ~ham_important_mask(a, module.important)  # True: sub-important
+        group = ~important_mask(a, module.important)  # True: sub-important
         avg, mx, arg_g = op["pool_channels"](x, a, group, *sizes)
         training = module.bn.training
         inp = spatial_input(avg, mx, hw, sizes)
@@ -268,9 +299,8 @@ class HAMFunction(torch.autograd.Function):
         ds = op["gate_grad_s"](dy, x, a, group)
         d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn, training)
         da = op["grad_a"](x, dy, s, group, d_avg, d_max, arg_g, *sizes)
-        # the small channel branch: vjp of its recomputation (torch.func: traceable by compile)
-        _, vjp_a = torch.func.vjp(channel_attention, mean_c, max_c, alpha, beta, w1)
-        d_mean, d_maxc, d_alpha, d_beta, d_w1 = vjp_a(da)
+        d_mean, d_maxc, d_alpha, d_beta, d_w1 = channel_backward(da, a, mean_c, max_c, alpha, beta,
+                                                                 w1)
         dx = op["grad_x"](dy, a, s, group, d_avg, d_max, arg_g, *sizes, d_mean.contiguous(),
                           d_maxc.contiguous(), arg_c)
         return (dx, d_alpha, d_beta, d_w1, d_wsp.to(w_sp.dtype),
