@@ -20,6 +20,11 @@ TORCH_LIBRARY(fusedattn, m) {
   m.def("ham_grad_x(Tensor dy, Tensor a, Tensor s, Tensor group, Tensor d_avg, Tensor d_max,"
         " Tensor argmax, int size0, int size1, Tensor d_mean_c, Tensor d_max_c, Tensor argmax_c)"
         " -> Tensor");
+
+  // Same-padded stride-1 convolution without bias (odd k), and its weight gradient: HAM's
+  // spatial conv on CPU (csrc/cpu/conv.cpp); fp32/fp64.
+  m.def("same_conv2d(Tensor x, Tensor w) -> Tensor");
+  m.def("same_conv2d_weight_grad(Tensor dy, Tensor x, int k) -> Tensor");
 }
 
 namespace {

@@ -76,8 +76,19 @@ def _register_fakes(suffix: str = "") -> None:
         torch.library.register_fake(f"fusedattn::{name}{suffix}")(fake)
 
 
+def _register_conv_fakes() -> None:
+    @torch.library.register_fake("fusedattn::same_conv2d")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0], *x.shape[2:])
+
+    @torch.library.register_fake("fusedattn::same_conv2d_weight_grad")
+    def _(dy, x, k):
+        return x.new_empty(dy.shape[1], x.shape[1], k, k)
+
+
 if dispatch._native()[0] is not None:  # the C++ schemas exist only when _C loaded
     _register_fakes()
+    _register_conv_fakes()
 
 
 # ----------------------------------------------------------------------------- Triton ops
@@ -193,9 +204,26 @@ def spatial_input(avg, mx, hw, sizes):
     return torch.cat([torch.stack([avg[:, g], mx[:, g]], 1).view(N, 2, *hw) for g in _groups(sizes)])
 
 
+def same_conv(x, w):
+    """Same-padded conv without bias: ``fusedattn::same_conv2d`` on CPU (oneDNN is slow for maps
+    with a few channels), F.conv2d (cuDNN) elsewhere."""
+    if x.device.type == "cpu":
+        return _op("same_conv2d")(x, w)
+    return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+def same_conv_weight_grad(dy, x, k):
+    """The weight gradient of same_conv(x, w) for a k x k kernel."""
+    if x.device.type == "cpu":
+        return _op("same_conv2d_weight_grad")(dy, x, k)
+    w = x.new_empty(dy.shape[1], x.shape[1], k, k)
+    return torch.ops.aten.convolution_backward(
+        dy, x, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+
 def spatial_logits(inp, w_sp):
     """z = conv7x7(inp): one convolution for both groups (G N, 1, H, W)."""
-    return F.conv2d(inp, w_sp.to(inp.dtype), padding=w_sp.shape[-1] // 2)
+    return same_conv(inp, w_sp.to(inp.dtype))
 
 
 def bn_stats(z, bn, training: bool):
@@ -255,10 +283,9 @@ def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
     dz = torch.cat(dz)
     w = w_sp.to(dt)
     # grad of the input: the same-padded conv of dz with the flipped, transposed kernel (oneDNN's
-    # convolution_backward for the input is ~10x slower than this forward conv on CPU)
-    d_inp = F.conv2d(dz, w.flip(-1, -2).transpose(0, 1), padding=k // 2)
-    _, d_w, _ = torch.ops.aten.convolution_backward(
-        dz, inp, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False])
+    # convolution_backward for the input is ~10x slower than a forward conv on CPU)
+    d_inp = same_conv(dz, w.flip(-1, -2).transpose(0, 1).contiguous())
+    d_w = same_conv_weight_grad(dz, inp, k)
     d_avg = torch.zeros_like(ds)
     d_max = torch.zeros_like(ds)
     for i, g in enumerate(groups):
