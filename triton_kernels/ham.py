@@ -134,9 +134,15 @@ def _gate_terms(in1, c, p, n, P, mask, pmask, s_ptr, d_avg_ptr, d_max_ptr, am_pt
 
 
 @triton.jit
+def _in_group1(g_ptr, o, cmask):
+    """[BLOCK_C, 1]: the channels at offsets o of the (N, C) group flags are in group 1."""
+    return (tl.load(g_ptr + o, mask=cmask, other=0) != 0)[:, None]
+
+
+@triton.jit
 def _elementwise_tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CL: tl.constexpr):
-    """(n, channels, pixels) of this program's tile; neighbouring programs are neighbours along
-    the unit-stride axis."""
+    """(n, channels, pixels, channel mask, pixel mask, tile mask, offsets) of this program's tile;
+    neighbouring programs are neighbours along the unit-stride axis."""
     pid = tl.program_id(0)
     cb_n = tl.cdiv(C, BLOCK_C)
     pb_n = tl.cdiv(P, BLOCK_P)
@@ -150,7 +156,55 @@ def _elementwise_tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CL: tl
         t = pid // pb_n
         cb = t % cb_n
         n = t // cb_n
-    return n, cb * BLOCK_C + tl.arange(0, BLOCK_C), pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = c < C
+    pmask = p < P
+    return n, c, p, cmask, pmask, cmask[:, None] & pmask[None, :], _offsets(n, c, p, C, P, CL)
+
+
+@triton.jit
+def _split_tile(KEEP, RED, S, SPLIT, BLOCK_KEEP: tl.constexpr, BLOCK_RED: tl.constexpr):
+    """Program (n, block of the kept axis, split s) of a reduction over the other axis (extent
+    RED): n, s, the block's kept indices and their mask, and the split's range [lo, hi) of the
+    reduced axis (SPLIT elements from s SPLIT)."""
+    pid = tl.program_id(0)
+    s = pid % S
+    t = pid // S
+    kb_n = tl.cdiv(KEEP, BLOCK_KEEP)
+    n = t // kb_n
+    k = (t % kb_n) * BLOCK_KEEP + tl.arange(0, BLOCK_KEEP)
+    SPLIT = (SPLIT // BLOCK_RED) * BLOCK_RED  # a multiple of BLOCK_RED (identity): aligned tiles
+    lo = s * SPLIT
+    hi = lo + tl.minimum(SPLIT, RED - lo)  # no int32 overflow near 2^31
+    return n, s, k, k < KEEP, lo, hi
+
+
+@triton.jit
+def _channel_step(x_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P, CL: tl.constexpr,
+                  ACC: tl.constexpr):
+    """One [BLOCK_C, BLOCK_P] step of a channel reduction over channels c (nc = n C): the channel
+    and tile masks, x's offsets and values (in ACC), a[n, c] and c in group 1 ([BLOCK_C, 1])."""
+    cmask = c < C
+    mask = cmask[:, None] & pmask[None, :]
+    off = _offsets(n, c, p, C, P, CL)
+    xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+    av = tl.load(a_ptr + nc + c, mask=cmask, other=0.0)
+    return cmask, mask, off, xv, av, _in_group1(g_ptr + nc, c, cmask)
+
+
+@triton.jit
+def _store_group(sum_ptr, max_ptr, idx_ptr, o, pmask, total, best, idx, size, final,
+                 ACC: tl.constexpr):
+    """A group's channel pooling at rows o: the lanes' sum, max and first argmax ([BLOCK_C,
+    BLOCK_P], reduced over the channels); final (S = 1): the avg (sum / |g|) and zeros for an
+    empty group, else the raw partial state."""
+    m, i = _argmax_reduce(best, idx, 0)
+    inv = tl.where(size > 0, 1.0 / tl.maximum(size, 1).to(ACC), 0.0)
+    empty = final & (size == 0)
+    tl.store(sum_ptr + o, tl.where(final, tl.sum(total, axis=0) * inv, tl.sum(total, axis=0)), mask=pmask)
+    tl.store(max_ptr + o, tl.where(empty, 0.0, m), mask=pmask)
+    tl.store(idx_ptr + o, tl.where(empty, 0, i), mask=pmask)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -165,17 +219,8 @@ def _pool_pixels_kernel(x_ptr, sum_ptr, max_ptr, idx_ptr, C, P, S, SPLIT, R, DIV
     """Program (n, channel block, split s): sum, max and first argmax over pixels
     [s SPLIT, min(P, (s+1) SPLIT)); writes sum / DIV (DIV = P when S = 1: the mean)."""
     C, P = _hint(C, P, CL, ALIGNED, x_ptr)
-    pid = tl.program_id(0)
-    s = pid % S
-    t = pid // S
-    cb_n = tl.cdiv(C, BLOCK_C)
-    n = t // cb_n
-    c = (t % cb_n) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    n, s, c, cmask, p_lo, p_hi = _split_tile(C, P, S, SPLIT, BLOCK_C, BLOCK_P)
     rp = tl.arange(0, BLOCK_P)
-    SPLIT = (SPLIT // BLOCK_P) * BLOCK_P  # a multiple of BLOCK_P (identity): aligned tiles
-    p_lo = s * SPLIT
-    p_hi = p_lo + tl.minimum(SPLIT, P - p_lo)  # no int32 overflow near P = 2^31
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
     idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (p_lo + rp)[None, :]
@@ -201,17 +246,8 @@ def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, 
     the group (a masked-out channel counts as 0). With S = 1 writes the final avg (sum / |g|) and
     zeros for an empty group; otherwise the raw partial state."""
     C, P = _hint(C, P, CL, ALIGNED, x_ptr)
-    pid = tl.program_id(0)
-    s = pid % S
-    t = pid // S
-    pb_n = tl.cdiv(P, BLOCK_P)
-    n = t // pb_n
-    p = (t % pb_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < P
+    n, s, p, pmask, c_lo, c_hi = _split_tile(P, C, S, SPLIT, BLOCK_P, BLOCK_C)
     rc = tl.arange(0, BLOCK_C)
-    SPLIT = (SPLIT // BLOCK_C) * BLOCK_C  # a multiple of BLOCK_C (identity): aligned tiles
-    c_lo = s * SPLIT
-    c_hi = c_lo + tl.minimum(SPLIT, C - c_lo)
     sum0 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     sum1 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     best0 = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
@@ -221,11 +257,8 @@ def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, 
     nc = n.to(tl.int64) * C
     for c0 in range(c_lo, c_hi, BLOCK_C):  # SPLIT is a multiple of BLOCK_C
         c = c0 + rc
-        cmask = c < C
-        mask = cmask[:, None] & pmask[None, :]
-        xv = tl.load(x_ptr + _offsets(n, c, p, C, P, CL), mask=mask, other=0.0).to(ACC)
-        av = tl.load(a_ptr + nc + c, mask=cmask, other=0.0)
-        in1 = (tl.load(g_ptr + nc + c, mask=cmask, other=0) != 0)[:, None]
+        cmask, mask, off, xv, av, in1 = _channel_step(x_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P,
+                                                      CL, ACC)
         f = av[:, None] * xv
         v0 = tl.where(in1, 0.0, f)
         v1 = tl.where(in1, f, 0.0)
@@ -236,18 +269,8 @@ def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, 
         best1, idx1 = _take(tl.where(cmask[:, None], v1, float("-inf")), cc, best1, idx1)
     final = S == 1
     o = s.to(tl.int64) * R + n.to(tl.int64) * 2 * P + p
-    m0, i0 = _argmax_reduce(best0, idx0, 0)
-    inv0 = tl.where(size0 > 0, 1.0 / tl.maximum(size0, 1).to(ACC), 0.0)
-    empty0 = final & (size0 == 0)
-    tl.store(sum_ptr + o, tl.where(final, tl.sum(sum0, axis=0) * inv0, tl.sum(sum0, axis=0)), mask=pmask)
-    tl.store(max_ptr + o, tl.where(empty0, 0.0, m0), mask=pmask)
-    tl.store(idx_ptr + o, tl.where(empty0, 0, i0), mask=pmask)
-    m1, i1 = _argmax_reduce(best1, idx1, 0)
-    inv1 = tl.where(size1 > 0, 1.0 / tl.maximum(size1, 1).to(ACC), 0.0)
-    empty1 = final & (size1 == 0)
-    tl.store(sum_ptr + o + P, tl.where(final, tl.sum(sum1, axis=0) * inv1, tl.sum(sum1, axis=0)), mask=pmask)
-    tl.store(max_ptr + o + P, tl.where(empty1, 0.0, m1), mask=pmask)
-    tl.store(idx_ptr + o + P, tl.where(empty1, 0, i1), mask=pmask)
+    _store_group(sum_ptr, max_ptr, idx_ptr, o, pmask, sum0, best0, idx0, size0, final, ACC)
+    _store_group(sum_ptr, max_ptr, idx_ptr, o + P, pmask, sum1, best1, idx1, size1, final, ACC)
 
 
 @triton.jit(do_not_specialize=_INTS)
@@ -255,15 +278,11 @@ def _gate_kernel(x_ptr, a_ptr, s_ptr, g_ptr, y_ptr, C, P, BLOCK_C: tl.constexpr,
                  BLOCK_P: tl.constexpr, CL: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr):
     """y = s_g a x on one tile."""
     C, P = _hint(C, P, CL, ALIGNED, x_ptr)
-    n, c, p = _elementwise_tile(C, P, BLOCK_C, BLOCK_P, CL)
-    cmask = c < C
-    pmask = p < P
-    mask = cmask[:, None] & pmask[None, :]
-    off = _offsets(n, c, p, C, P, CL)
+    n, c, p, cmask, pmask, mask, off = _elementwise_tile(C, P, BLOCK_C, BLOCK_P, CL)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
     nc = n.to(tl.int64) * C + c
     a = tl.load(a_ptr + nc, mask=cmask, other=0.0)
-    in1 = (tl.load(g_ptr + nc, mask=cmask, other=0) != 0)[:, None]
+    in1 = _in_group1(g_ptr, nc, cmask)
     s0, s1 = _group_pair(s_ptr, n, p, P, pmask)
     sv = tl.where(in1, s1[None, :], s0[None, :])
     tl.store(y_ptr + off, (sv * a[:, None] * x).to(y_ptr.dtype.element_ty), mask=mask)
@@ -276,29 +295,16 @@ def _gate_grad_s_kernel(dy_ptr, x_ptr, a_ptr, g_ptr, sum_ptr, C, P, S, SPLIT, R,
     """Program (n, pixel block, split s): per group the sum of dy a x over its channels in
     [s SPLIT, min(C, (s+1) SPLIT))."""
     C, P = _hint(C, P, CL, ALIGNED, x_ptr)
-    pid = tl.program_id(0)
-    s = pid % S
-    t = pid // S
-    pb_n = tl.cdiv(P, BLOCK_P)
-    n = t // pb_n
-    p = (t % pb_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < P
+    n, s, p, pmask, c_lo, c_hi = _split_tile(P, C, S, SPLIT, BLOCK_P, BLOCK_C)
     rc = tl.arange(0, BLOCK_C)
-    SPLIT = (SPLIT // BLOCK_C) * BLOCK_C  # a multiple of BLOCK_C (identity): aligned tiles
-    c_lo = s * SPLIT
-    c_hi = c_lo + tl.minimum(SPLIT, C - c_lo)
     sum0 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     sum1 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     nc = n.to(tl.int64) * C
-    for c0 in range(c_lo, c_hi, BLOCK_C):
+    for c0 in range(c_lo, c_hi, BLOCK_C):  # SPLIT is a multiple of BLOCK_C
         c = c0 + rc
-        cmask = c < C
-        mask = cmask[:, None] & pmask[None, :]
-        off = _offsets(n, c, p, C, P, CL)
-        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        cmask, mask, off, xv, av, in1 = _channel_step(x_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P,
+                                                      CL, ACC)
         dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-        av = tl.load(a_ptr + nc + c, mask=cmask, other=0.0)
-        in1 = (tl.load(g_ptr + nc + c, mask=cmask, other=0) != 0)[:, None]
         v = dv * av[:, None] * xv
         sum0 += tl.where(in1, 0.0, v)
         sum1 += tl.where(in1, v, 0.0)
@@ -314,23 +320,14 @@ def _grad_a_kernel(x_ptr, dy_ptr, s_ptr, g_ptr, d_avg_ptr, d_max_ptr, am_ptr, su
     """Program (n, channel block, split s): sum over pixels [s SPLIT, min(P, (s+1) SPLIT)) of
     x (dy s_g + pool gradient)."""
     C, P = _hint(C, P, CL, ALIGNED, x_ptr)
-    pid = tl.program_id(0)
-    s = pid % S
-    t = pid // S
-    cb_n = tl.cdiv(C, BLOCK_C)
-    n = t // cb_n
-    c = (t % cb_n) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    n, s, c, cmask, p_lo, p_hi = _split_tile(C, P, S, SPLIT, BLOCK_C, BLOCK_P)
     nc = n.to(tl.int64) * C + c
-    in1 = (tl.load(g_ptr + nc, mask=cmask, other=0) != 0)[:, None]
+    in1 = _in_group1(g_ptr, nc, cmask)
     inv0 = 1.0 / tl.maximum(size0, 1).to(ACC)
     inv1 = 1.0 / tl.maximum(size1, 1).to(ACC)
     rp = tl.arange(0, BLOCK_P)
-    SPLIT = (SPLIT // BLOCK_P) * BLOCK_P  # a multiple of BLOCK_P (identity): aligned tiles
-    p_lo = s * SPLIT
-    p_hi = p_lo + tl.minimum(SPLIT, P - p_lo)  # no int32 overflow near P = 2^31
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):  # SPLIT is a multiple of BLOCK_P
         p = p0 + rp
         pmask = p < P
         mask = cmask[:, None] & pmask[None, :]
@@ -351,15 +348,11 @@ def _grad_x_kernel(dy_ptr, a_ptr, s_ptr, g_ptr, d_avg_ptr, d_max_ptr, am_ptr, dm
                    ACC: tl.constexpr):
     """dx = dy s_g a + a (pool gradient) + d_mean_c / P + [p == argmax_c] d_max_c on one tile."""
     C, P = _hint(C, P, CL, ALIGNED, dy_ptr)
-    n, c, p = _elementwise_tile(C, P, BLOCK_C, BLOCK_P, CL)
-    cmask = c < C
-    pmask = p < P
-    mask = cmask[:, None] & pmask[None, :]
-    off = _offsets(n, c, p, C, P, CL)
+    n, c, p, cmask, pmask, mask, off = _elementwise_tile(C, P, BLOCK_C, BLOCK_P, CL)
     dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
     nc = n.to(tl.int64) * C + c
     a = tl.load(a_ptr + nc, mask=cmask, other=0.0)[:, None]
-    in1 = (tl.load(g_ptr + nc, mask=cmask, other=0) != 0)[:, None]
+    in1 = _in_group1(g_ptr, nc, cmask)
     dmc = tl.load(dmc_ptr + nc, mask=cmask, other=0.0)
     dxc = tl.load(dxc_ptr + nc, mask=cmask, other=0.0)
     amc = tl.load(amc_ptr + nc, mask=cmask, other=0)
@@ -609,6 +602,33 @@ def _launch_args(G: _Geom, x: torch.Tensor, name: str):
                      ACC=_acc(x.dtype), num_warps=cfg.num_warps)
 
 
+def _reduction_launch(G: _Geom, x: torch.Tensor, name: str, over_pixels: bool):
+    """(grid, S, SPLIT, kwargs) of a reduction pass: over the pixels, a program per (n, channel
+    block, split); over the channels, per (n, pixel block, split)."""
+    cfg, kw = _launch_args(G, x, name)
+    if over_pixels:
+        programs = G.N * triton.cdiv(G.C, cfg.block_c)
+        S, split = splits(programs, G.P, cfg.block_p, x.device)
+    else:
+        programs = G.N * triton.cdiv(G.P, cfg.block_p)
+        S, split = splits(programs, G.C, cfg.block_c, x.device)
+    return (programs * S,), S, split, kw
+
+
+def _elementwise_launch(G: _Geom, x: torch.Tensor, name: str):
+    """(grid, kwargs) of an elementwise pass: a program per tile."""
+    cfg, kw = _launch_args(G, x, name)
+    return (G.N * triton.cdiv(G.C, cfg.block_c) * triton.cdiv(G.P, cfg.block_p),), kw
+
+
+def _partials(S: int, *outs: torch.Tensor):
+    """Where a reduction's kernel writes: the outputs themselves when S == 1, else a workspace
+    (S, *shape) of the same dtype per output, for _combine."""
+    if S == 1:
+        return outs
+    return tuple(torch.empty((S, *o.shape), dtype=o.dtype, device=o.device) for o in outs)
+
+
 def _new(x: torch.Tensor):
     """Allocator of the small outputs: zeros for an empty x (nothing launches), else uninitialised
     (the kernels write every element; no memset launch)."""
@@ -632,17 +652,9 @@ def pool_pixels(x: torch.Tensor):
     mean, mx, arg = new((G.N, G.C), acc), new((G.N, G.C), acc), new((G.N, G.C), torch.int32)
     if x.numel() == 0:
         return mean, mx, arg
-    cfg, kw = _launch_args(G, x, "pool_pixels")
-    programs = G.N * triton.cdiv(G.C, cfg.block_c)
-    S, split = splits(programs, G.P, cfg.block_p, x.device)
-    if S == 1:
-        outs = (mean, mx, arg)
-    else:
-        outs = (torch.empty((S, G.N, G.C), dtype=acc, device=x.device),
-                torch.empty((S, G.N, G.C), dtype=acc, device=x.device),
-                torch.empty((S, G.N, G.C), dtype=torch.int32, device=x.device))
-    _pool_pixels_kernel[(programs * S,)](x, *outs, G.C, G.P, S, split, G.N * G.C,
-                                         G.P if S == 1 else 1, **kw)
+    grid, S, split, kw = _reduction_launch(G, x, "pool_pixels", over_pixels=True)
+    outs = _partials(S, mean, mx, arg)
+    _pool_pixels_kernel[grid](x, *outs, G.C, G.P, S, split, G.N * G.C, G.P if S == 1 else 1, **kw)
     if S > 1:
         _combine(1, *outs, mean, mx, arg, S, P=G.P)
     return mean, mx, arg
@@ -660,17 +672,10 @@ def pool_channels(x: torch.Tensor, a: torch.Tensor, group: torch.Tensor, size0: 
     avg, mx, arg = new((G.N, 2, G.P), acc), new((G.N, 2, G.P), acc), new((G.N, 2, G.P), torch.int32)
     if x.numel() == 0:
         return avg, mx, arg
-    cfg, kw = _launch_args(G, x, "pool_channels")
-    programs = G.N * triton.cdiv(G.P, cfg.block_p)
-    S, split = splits(programs, G.C, cfg.block_c, x.device)
-    if S == 1:
-        outs = (avg, mx, arg)
-    else:
-        outs = (torch.empty((S, G.N, 2, G.P), dtype=acc, device=x.device),
-                torch.empty((S, G.N, 2, G.P), dtype=acc, device=x.device),
-                torch.empty((S, G.N, 2, G.P), dtype=torch.int32, device=x.device))
-    _pool_channels_kernel[(programs * S,)](x, a, group.view(torch.uint8), *outs, G.C, G.P, S,
-                                           split, G.N * 2 * G.P, int(size0), int(size1), **kw)
+    grid, S, split, kw = _reduction_launch(G, x, "pool_channels", over_pixels=False)
+    outs = _partials(S, avg, mx, arg)
+    _pool_channels_kernel[grid](x, a, group.view(torch.uint8), *outs, G.C, G.P, S, split,
+                                G.N * 2 * G.P, int(size0), int(size1), **kw)
     if S > 1:
         _combine(2, *outs, avg, mx, arg, S, P=G.P, size0=int(size0), size1=int(size1))
     return avg, mx, arg
@@ -686,8 +691,7 @@ def gate(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, group: torch.Tensor)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    cfg, kw = _launch_args(G, x, "gate")
-    grid = (G.N * triton.cdiv(G.C, cfg.block_c) * triton.cdiv(G.P, cfg.block_p),)
+    grid, kw = _elementwise_launch(G, x, "gate")
     _gate_kernel[grid](x, a, s, group.view(torch.uint8), y, G.C, G.P, **kw)
     return y
 
@@ -702,12 +706,10 @@ def gate_grad_s(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, group: torch
     ds = _new(x)((G.N, 2, G.P), acc)
     if x.numel() == 0:
         return ds
-    cfg, kw = _launch_args(G, x, "gate_grad_s")
-    programs = G.N * triton.cdiv(G.P, cfg.block_p)
-    S, split = splits(programs, G.C, cfg.block_c, x.device)
-    out = ds if S == 1 else torch.empty((S, G.N, 2, G.P), dtype=acc, device=x.device)
-    _gate_grad_s_kernel[(programs * S,)](dy, x, a, group.view(torch.uint8), out, G.C, G.P, S,
-                                         split, G.N * 2 * G.P, **kw)
+    grid, S, split, kw = _reduction_launch(G, x, "gate_grad_s", over_pixels=False)
+    out, = _partials(S, ds)
+    _gate_grad_s_kernel[grid](dy, x, a, group.view(torch.uint8), out, G.C, G.P, S, split,
+                              G.N * 2 * G.P, **kw)
     if S > 1:
         _combine(0, out, out, out, ds, ds, ds, S)
     return ds
@@ -726,12 +728,10 @@ def grad_a(x: torch.Tensor, dy: torch.Tensor, s: torch.Tensor, group: torch.Tens
     da = _new(x)((G.N, G.C), acc)
     if x.numel() == 0:
         return da
-    cfg, kw = _launch_args(G, x, "grad_a")
-    programs = G.N * triton.cdiv(G.C, cfg.block_c)
-    S, split = splits(programs, G.P, cfg.block_p, x.device)
-    out = da if S == 1 else torch.empty((S, G.N, G.C), dtype=acc, device=x.device)
-    _grad_a_kernel[(programs * S,)](x, dy, s, group.view(torch.uint8), d_avg, d_max, argmax, out,
-                                    G.C, G.P, S, split, G.N * G.C, int(size0), int(size1), **kw)
+    grid, S, split, kw = _reduction_launch(G, x, "grad_a", over_pixels=True)
+    out, = _partials(S, da)
+    _grad_a_kernel[grid](x, dy, s, group.view(torch.uint8), d_avg, d_max, argmax, out, G.C, G.P,
+                         S, split, G.N * G.C, int(size0), int(size1), **kw)
     if S > 1:
         _combine(0, out, out, out, da, da, da, S)
     return da
@@ -753,8 +753,7 @@ def grad_x(dy: torch.Tensor, a: torch.Tensor, s: torch.Tensor, group: torch.Tens
     dx = torch.empty_like(dy)
     if dy.numel() == 0:
         return dx
-    cfg, kw = _launch_args(G, dy, "grad_x")
-    grid = (G.N * triton.cdiv(G.C, cfg.block_c) * triton.cdiv(G.P, cfg.block_p),)
+    grid, kw = _elementwise_launch(G, dy, "grad_x")
     _grad_x_kernel[grid](dy, a, s, group.view(torch.uint8), d_avg, d_max, argmax, d_mean_c,
                          d_max_c, argmax_c, dx, G.C, G.P, int(size0), int(size1), **kw)
     return dx

@@ -191,6 +191,56 @@ struct PoolMaps {
   A inv0, inv1;
 };
 
+// Planar: the maps of a plane's group at VEC consecutive pixels.
+template <typename A, int VEC>
+struct MapPacks {
+  Pack<A, VEC> s, avg, max;
+  Pack<int32_t, VEC> arg;
+
+  // Pixels [p, p + VEC) of row `row` ((n, g) of the (N, 2, P) maps).
+  __device__ __forceinline__ void read(const PoolMaps<A>& m, int64_t row, uint32_t p) {
+    s = load<VEC>(m.s + row + p);
+    avg = load<VEC>(m.avg + row + p);
+    max = load<VEC>(m.max + row + p);
+    arg = load<VEC>(m.arg + row + p);
+  }
+  // Pixel k's pooling gradient for channel c: d_avg inv + [argmax == c] d_max.
+  __device__ __forceinline__ A pool(int k, A inv, int32_t c) const {
+    return avg.v[k] * inv + (arg.v[k] == c ? max.v[k] : A(0));
+  }
+};
+
+// Channels-last: the maps of both groups at one pixel (a pixel's channels fall in either group).
+template <typename A>
+struct GroupMaps {
+  A s0, s1, w0, w1, m0, m1;  // s, d_avg (d_avg / max(size, 1) once scaled()), d_max
+  int32_t i0, i1;            // argmax
+
+  // Pixel p of rows r0 = (n, 0) and r1 = (n, 1) of the (N, 2, P) maps.
+  __device__ __forceinline__ void read(const PoolMaps<A>& m, int64_t r0, int64_t r1, uint32_t p) {
+    s0 = m.s[r0 + p];
+    s1 = m.s[r1 + p];
+    w0 = m.avg[r0 + p];
+    w1 = m.avg[r1 + p];
+    m0 = m.max[r0 + p];
+    m1 = m.max[r1 + p];
+    i0 = m.arg[r0 + p];
+    i1 = m.arg[r1 + p];
+  }
+  // A copy with d_avg / max(size, 1): once per pixel, before the channels' pool().
+  __device__ __forceinline__ GroupMaps scaled(A inv0, A inv1) const {
+    GroupMaps r = *this;
+    r.w0 = w0 * inv0;
+    r.w1 = w1 * inv1;
+    return r;
+  }
+  __device__ __forceinline__ A gate(bool g) const { return g ? s1 : s0; }
+  // The pooling gradient of channel c of group g (of a scaled() copy).
+  __device__ __forceinline__ A pool(bool g, int64_t c) const {
+    return (g ? w1 : w0) + ((g ? i1 : i0) == c ? (g ? m1 : m0) : A(0));
+  }
+};
+
 // ------------------------------------------------------------- planar: a warp per (plane, split)
 
 // Warp w of the grid: channel w / S, pixels [p0, p1) of split w % S. 32-bit: the host checks
@@ -260,23 +310,19 @@ __global__ void __launch_bounds__(kThreads) grad_a_planar(
     const T* dp = dy + q * P;
     A acc = 0;
     Pack<T, VEC> xv[U], dv[U];
-    Pack<A, VEC> sv[U], av[U], mv[U];
-    Pack<int32_t, VEC> iv[U];
+    MapPacks<A, VEC> mp[U];
     batched<U>(
         t.p0 + lane * VEC, t.p1, 32 * VEC,
         [&](int u, uint32_t p) {
           xv[u] = load<VEC>(xp + p);
           dv[u] = load<VEC>(dp + p);
-          sv[u] = load<VEC>(m.s + row + p);
-          av[u] = load<VEC>(m.avg + row + p);
-          mv[u] = load<VEC>(m.max + row + p);
-          iv[u] = load<VEC>(m.arg + row + p);
+          mp[u].read(m, row, p);
         },
         [&](int u, uint32_t) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const A pool = av[u].v[k] * inv + (iv[u].v[k] == int32_t(t.c) ? mv[u].v[k] : A(0));
-            acc += A(xv[u].v[k]) * (A(dv[u].v[k]) * sv[u].v[k] + pool);
+            const A pool = mp[u].pool(k, inv, int32_t(t.c));
+            acc += A(xv[u].v[k]) * (A(dv[u].v[k]) * mp[u].s.v[k] + pool);
           }
         });
     acc = lanes_sum(acc, 32);
@@ -341,23 +387,19 @@ __global__ void __launch_bounds__(kThreads) grad_x_planar(
     const T* dp = dy + q * P;
     T* op = dx + q * P;
     Pack<T, VEC> dv[U];
-    Pack<A, VEC> sv[U], av[U], mv[U];
-    Pack<int32_t, VEC> iv[U];
+    MapPacks<A, VEC> mp[U];
     batched<U>(
         t.p0 + lane * VEC, t.p1, 32 * VEC,
         [&](int u, uint32_t p) {
           dv[u] = load<VEC>(dp + p);
-          sv[u] = load<VEC>(m.s + row + p);
-          av[u] = load<VEC>(m.avg + row + p);
-          mv[u] = load<VEC>(m.max + row + p);
-          iv[u] = load<VEC>(m.arg + row + p);
+          mp[u].read(m, row, p);
         },
         [&](int u, uint32_t p) {
           Pack<T, VEC> o;
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const A pool = av[u].v[k] * inv + (iv[u].v[k] == int32_t(t.c) ? mv[u].v[k] : A(0));
-            A v = A(dv[u].v[k]) * sv[u].v[k] * ac + ac * pool + dmean;
+            const A pool = mp[u].pool(k, inv, int32_t(t.c));
+            A v = A(dv[u].v[k]) * mp[u].s.v[k] * ac + ac * pool + dmean;
             if (int64_t(p) + k == amax) v += dmax;
             o.v[k] = T(v);
           }
@@ -400,6 +442,41 @@ __device__ __forceinline__ void merge_rows(const A* sh_sum, const A* sh_max, con
   }
 }
 
+// The end of a channels-last pixel reduction's sample: thread (x, y) puts its VEC channels'
+// partials (sum[k]; best[k], arg[k] when MAX) in row y of the shared rows (W = blockDim.x VEC
+// channels each), and thread col < W merges the tile's channel col over the rows into out.
+template <typename A, int VEC, bool MAX>
+struct ClMerge {
+  A* sh_sum;
+  A* sh_max;
+  int32_t* sh_arg;
+  int W, slot, col;
+
+  __device__ __forceinline__ ClMerge(A* sum, A* max, int32_t* arg)
+      : sh_sum(sum), sh_max(max), sh_arg(arg), W(blockDim.x * VEC),
+        slot(threadIdx.y * W + threadIdx.x * VEC), col(threadIdx.y * blockDim.x + threadIdx.x) {}
+
+  __device__ __forceinline__ void put(const ClTask& t, int64_t n, int C, const A* sum, const A* best,
+                                      const int32_t* arg, const Sink<A>& out) const {
+    __syncthreads();  // the previous sample's merge has read the shared rows
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      sh_sum[slot + k] = sum[k];
+      if (MAX) {
+        sh_max[slot + k] = best[k];
+        sh_arg[slot + k] = arg[k];
+      }
+    }
+    __syncthreads();
+    if (col < W && t.tile_c + col < C) {
+      A s, m;
+      int32_t i;
+      merge_rows<A, MAX>(sh_sum, sh_max, sh_arg, W, col, s, m, i);
+      out.put(n * C + t.tile_c + col, t.s, 0, s, m, i);
+    }
+  }
+};
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) pool_pixels_cl(
     const T* __restrict__ x, Sink<acc_t<T>> out, int64_t N, int C, int64_t P, int S, int64_t chunk) {
@@ -408,8 +485,7 @@ __global__ void __launch_bounds__(kThreads) pool_pixels_cl(
   __shared__ A sh_sum[kThreads * VEC], sh_max[kThreads * VEC];
   __shared__ int32_t sh_arg[kThreads * VEC];
   const ClTask t = cl_task<VEC>(S, P, chunk);
-  const int W = blockDim.x * VEC, slot = threadIdx.y * W + threadIdx.x * VEC;
-  const int col = threadIdx.y * blockDim.x + threadIdx.x;
+  const ClMerge<A, VEC, true> merge(sh_sum, sh_max, sh_arg);
 #pragma unroll 1
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     A sum[VEC], best[VEC];
@@ -435,20 +511,7 @@ __global__ void __launch_bounds__(kThreads) pool_pixels_cl(
             }
           });
     }
-    __syncthreads();  // the previous sample's merge has read the shared rows
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      sh_sum[slot + k] = sum[k];
-      sh_max[slot + k] = best[k];
-      sh_arg[slot + k] = arg[k];
-    }
-    __syncthreads();
-    if (col < W && t.tile_c + col < C) {
-      A s, m;
-      int32_t i;
-      merge_rows<A, true>(sh_sum, sh_max, sh_arg, W, col, s, m, i);
-      out.put(n * C + t.tile_c + col, t.s, 0, s, m, i);
-    }
+    merge.put(t, n, C, sum, best, arg, out);
   }
 }
 
@@ -461,8 +524,7 @@ __global__ void __launch_bounds__(kThreads) grad_a_cl(
   constexpr int U = VEC > 1 || sizeof(A) == 8 ? 2 : 4;
   __shared__ A sh_sum[kThreads * VEC];
   const ClTask t = cl_task<VEC>(S, P, chunk);
-  const int W = blockDim.x * VEC, slot = threadIdx.y * W + threadIdx.x * VEC;
-  const int col = threadIdx.y * blockDim.x + threadIdx.x;
+  const ClMerge<A, VEC, false> merge(sh_sum, nullptr, nullptr);
 #pragma unroll 1
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     A acc[VEC];
@@ -474,43 +536,25 @@ __global__ void __launch_bounds__(kThreads) grad_a_cl(
       const T* xs = x + n * P * C + t.c;
       const T* ds = dy + n * P * C + t.c;
       Pack<T, VEC> xv[U], dv[U];
-      A s0[U], s1[U], w0[U], w1[U], m0[U], m1[U];
-      int32_t i0[U], i1[U];
+      GroupMaps<A> gm[U];
       batched<U>(
           t.p0 + threadIdx.y, t.p1, blockDim.y,
           [&](int u, uint32_t p) {
             xv[u] = load<VEC>(xs + int64_t(p) * C);
             dv[u] = load<VEC>(ds + int64_t(p) * C);
-            s0[u] = m.s[r0 + p];
-            s1[u] = m.s[r1 + p];
-            w0[u] = m.avg[r0 + p];
-            w1[u] = m.avg[r1 + p];
-            m0[u] = m.max[r0 + p];
-            m1[u] = m.max[r1 + p];
-            i0[u] = m.arg[r0 + p];
-            i1[u] = m.arg[r1 + p];
+            gm[u].read(m, r0, r1, p);
           },
           [&](int u, uint32_t) {
-            const A a0 = w0[u] * m.inv0, a1 = w1[u] * m.inv1;
+            const GroupMaps<A> pm = gm[u].scaled(m.inv0, m.inv1);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
               const bool g = gv.v[k];
-              const int64_t c = t.c + k;
-              const A pool = (g ? a1 : a0) + ((g ? i1[u] : i0[u]) == c ? (g ? m1[u] : m0[u]) : A(0));
-              acc[k] += A(xv[u].v[k]) * (A(dv[u].v[k]) * (g ? s1[u] : s0[u]) + pool);
+              const A pool = pm.pool(g, t.c + k);
+              acc[k] += A(xv[u].v[k]) * (A(dv[u].v[k]) * pm.gate(g) + pool);
             }
           });
     }
-    __syncthreads();  // the previous sample's merge has read the shared rows
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) sh_sum[slot + k] = acc[k];
-    __syncthreads();
-    if (col < W && t.tile_c + col < C) {
-      A s, mx;
-      int32_t i;
-      merge_rows<A, false>(sh_sum, nullptr, nullptr, W, col, s, mx, i);
-      out.put(n * C + t.tile_c + col, t.s, 0, s, mx, i);
-    }
+    merge.put(t, n, C, acc, nullptr, nullptr, out);
   }
 }
 
@@ -573,31 +617,22 @@ __global__ void __launch_bounds__(kThreads) grad_x_cl(
     const T* ds = dy + n * P * C + t.c;
     T* os = dx + n * P * C + t.c;
     Pack<T, VEC> dv[U];
-    A s0[U], s1[U], w0[U], w1[U], m0[U], m1[U];
-    int32_t i0[U], i1[U];
+    GroupMaps<A> gm[U];
     batched<U>(
         t.p0 + threadIdx.y, t.p1, blockDim.y,
         [&](int u, uint32_t p) {
           dv[u] = load<VEC>(ds + int64_t(p) * C);
-          s0[u] = m.s[r0 + p];
-          s1[u] = m.s[r1 + p];
-          w0[u] = m.avg[r0 + p];
-          w1[u] = m.avg[r1 + p];
-          m0[u] = m.max[r0 + p];
-          m1[u] = m.max[r1 + p];
-          i0[u] = m.arg[r0 + p];
-          i1[u] = m.arg[r1 + p];
+          gm[u].read(m, r0, r1, p);
         },
         [&](int u, uint32_t p) {
-          const A a0 = w0[u] * m.inv0, a1 = w1[u] * m.inv1;
+          const GroupMaps<A> pm = gm[u].scaled(m.inv0, m.inv1);
           Pack<T, VEC> o;
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             const bool g = gv.v[k];
-            const int64_t c = t.c + k;
             const A ac = av.v[k];
-            const A pool = (g ? a1 : a0) + ((g ? i1[u] : i0[u]) == c ? (g ? m1[u] : m0[u]) : A(0));
-            A v = A(dv[u].v[k]) * (g ? s1[u] : s0[u]) * ac + ac * pool + dmc.v[k];
+            const A pool = pm.pool(g, t.c + k);
+            A v = A(dv[u].v[k]) * pm.gate(g) * ac + ac * pool + dmc.v[k];
             if (int64_t(p) == axc.v[k]) v += dxc.v[k];
             o.v[k] = T(v);
           }
@@ -862,6 +897,27 @@ struct Reduction {
 constexpr int64_t kMinPlaneSplit = 2048;  // pixels per split of a planar pixel reduction
 constexpr int64_t kMinChannelSplit = 64;  // channels per split of a planar channel reduction
 
+// Launch shape of a pass per (n, c) over the pixels (pool_pixels, grad_a, gate, grad_x): planar,
+// a warp per (plane, pixel split), splits of at least min_planar pixels; channels-last, blocks of
+// bx x by (channel packs x pixel rows) per (channel tile, pixel split), splits of at least
+// min_rows block rows.
+struct PixelLaunch {
+  dim3 grid, block;
+  Split sp;
+};
+
+template <int VEC>
+PixelLaunch pixel_launch(const Geom& G, bool cl, int64_t min_planar, int64_t min_rows) {
+  if (!cl) {
+    const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, min_planar, kTargetWarps);
+    return {plane_grid(G.C, sp, G.N), dim3(kThreads), sp};
+  }
+  const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
+  const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
+  const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * min_rows, kTargetBlocks);
+  return {grid_for(tiles * sp.S, G.N), dim3(bx, by), sp};
+}
+
 // ------------------------------------------------------------------------------------------ ops
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels_cuda(const at::Tensor& x) {
@@ -881,29 +937,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels_cuda(const at::Tensor
     const A invP = A(1) / A(G.P);
     const Sink<A> fin{mean.mutable_data_ptr<A>(), mx.mutable_data_ptr<A>(),
                       arg.mutable_data_ptr<int32_t>(), 0, invP, invP, false, false};
-    if (!cl) {
-      with_vec<T>(G.P % kVec<T> == 0 && aligned(xp, 16), [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, kMinPlaneSplit, kTargetWarps);
-        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
-        pool_pixels_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
-            xp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        red.merge(G.N, G.C, 0, stream);
-      });
-    } else {
-      with_vec<T>(cl_vec<T>(G.C) && aligned(xp, 16), [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
-        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
-        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 16, kTargetBlocks);
-        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
-        pool_pixels_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
-            xp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        red.merge(G.N, G.C, 0, stream);
-      });
-    }
+    with_vec<T>((cl ? cl_vec<T>(G.C) : G.P % kVec<T> == 0) && aligned(xp, 16), [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      const PixelLaunch L = pixel_launch<VEC>(G, cl, kMinPlaneSplit, 16);
+      const Reduction<A> red(fin, L.sp.S, G.N * G.C, opts);
+      const auto kernel = cl ? pool_pixels_cl<T, VEC> : pool_pixels_planar<T, VEC>;
+      kernel<<<L.grid, L.block, 0, stream>>>(xp, red.first(), G.N, int(G.C), G.P, L.sp.S, L.sp.chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      red.merge(G.N, G.C, 0, stream);
+    });
   });
   return {mean, mx, arg};
 }
@@ -1017,30 +1059,19 @@ at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dy, const at::Tens
     const bool* gp = group.const_data_ptr<bool>();
     const PoolMaps<A> m = pool_maps<A>(s, d_avg, d_max, argmax, size0, size1);
     const Sink<A> fin{da.mutable_data_ptr<A>(), nullptr, nullptr, 0, A(1), A(1), false, false};
-    const bool xy_aligned = aligned(xp, 16) && aligned(dp, 16);
-    if (!cl) {
-      with_vec<T>(G.P % kVec<T> == 0 && xy_aligned && maps_aligned(m, kVec<T>), [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, kMinPlaneSplit, kTargetWarps);
-        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
-        grad_a_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
-            xp, dp, m, gp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        red.merge(G.N, G.C, 0, stream);
-      });
-    } else {
-      with_vec<T>(cl_vec<T>(G.C) && xy_aligned && aligned(gp, kVec<T>), [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
-        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
-        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 16, kTargetBlocks);
-        const Reduction<A> red(fin, sp.S, G.N * G.C, opts);
-        grad_a_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
-            xp, dp, m, gp, red.first(), G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        red.merge(G.N, G.C, 0, stream);
-      });
-    }
+    const bool vec = aligned(xp, 16) && aligned(dp, 16) &&
+                     (cl ? cl_vec<T>(G.C) && aligned(gp, kVec<T>)
+                         : G.P % kVec<T> == 0 && maps_aligned(m, kVec<T>));
+    with_vec<T>(vec, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      const PixelLaunch L = pixel_launch<VEC>(G, cl, kMinPlaneSplit, 16);
+      const Reduction<A> red(fin, L.sp.S, G.N * G.C, opts);
+      const auto kernel = cl ? grad_a_cl<T, VEC> : grad_a_planar<T, VEC>;
+      kernel<<<L.grid, L.block, 0, stream>>>(xp, dp, m, gp, red.first(), G.N, int(G.C), G.P, L.sp.S,
+                                             L.sp.chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      red.merge(G.N, G.C, 0, stream);
+    });
   });
   return da;
 }
@@ -1065,28 +1096,17 @@ at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
     const A* ap = a.const_data_ptr<A>();
     const A* sp_ = s.const_data_ptr<A>();
     const bool* gp = group.const_data_ptr<bool>();
-    const bool xy_aligned = aligned(xp, 16) && aligned(yp, 16);
-    if (!cl) {
-      with_vec<T>(G.P % kVec<T> == 0 && xy_aligned && aligned(sp_, kVec<T> * sizeof(A)), [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, 32 * VEC * 4, kTargetWarps);
-        gate_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
-            xp, ap, sp_, gp, yp, G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    } else {
-      const bool vec = cl_vec<T>(G.C) && xy_aligned && aligned(ap, kVec<T> * sizeof(A)) &&
-                       aligned(gp, kVec<T>);
-      with_vec<T>(vec, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
-        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
-        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 8, kTargetBlocks);
-        gate_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
-            xp, ap, sp_, gp, yp, G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
+    const bool vec = aligned(xp, 16) && aligned(yp, 16) &&
+                     (cl ? cl_vec<T>(G.C) && aligned(ap, kVec<T> * sizeof(A)) && aligned(gp, kVec<T>)
+                         : G.P % kVec<T> == 0 && aligned(sp_, kVec<T> * sizeof(A)));
+    with_vec<T>(vec, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      const PixelLaunch L = pixel_launch<VEC>(G, cl, 32 * VEC * 4, 8);
+      const auto kernel = cl ? gate_cl<T, VEC> : gate_planar<T, VEC>;
+      kernel<<<L.grid, L.block, 0, stream>>>(xp, ap, sp_, gp, yp, G.N, int(G.C), G.P, L.sp.S,
+                                             L.sp.chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return y;
 }
@@ -1121,30 +1141,20 @@ at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& a, const at::Tens
     const int32_t* axc = argmax_c.const_data_ptr<int32_t>();
     const PoolMaps<A> m = pool_maps<A>(s, d_avg, d_max, argmax, size0, size1);
     const A invP = A(1) / A(G.P);
-    const bool xy_aligned = aligned(dp, 16) && aligned(op, 16);
-    if (!cl) {
-      with_vec<T>(G.P % kVec<T> == 0 && xy_aligned && maps_aligned(m, kVec<T>), [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const Split sp = split_for(G.N * G.C, G.P, 32 * VEC, 32 * VEC * 4, kTargetWarps);
-        grad_x_planar<T, VEC><<<plane_grid(G.C, sp, G.N), kThreads, 0, stream>>>(
-            dp, ap, m, gp, dmc, dxc, axc, invP, op, G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    } else {
-      const int V = kVec<T>;
-      const bool vec = cl_vec<T>(G.C) && xy_aligned && aligned(gp, V) && aligned(ap, V * sizeof(A)) &&
-                       aligned(dmc, V * sizeof(A)) && aligned(dxc, V * sizeof(A)) &&
-                       aligned(axc, V * sizeof(int32_t));
-      with_vec<T>(vec, [&](auto VV) {
-        constexpr int VEC = decltype(VV)::value;
-        const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
-        const int64_t tiles = ceil_div(G.C, int64_t(bx) * VEC);
-        const Split sp = split_for(G.N * tiles, G.P, by, int64_t(by) * 8, kTargetBlocks);
-        grad_x_cl<T, VEC><<<grid_for(tiles * sp.S, G.N), dim3(bx, by), 0, stream>>>(
-            dp, ap, m, gp, dmc, dxc, axc, invP, op, G.N, int(G.C), G.P, sp.S, sp.chunk);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
+    const int V = kVec<T>;
+    const bool vec = aligned(dp, 16) && aligned(op, 16) &&
+                     (cl ? cl_vec<T>(G.C) && aligned(gp, V) && aligned(ap, V * sizeof(A)) &&
+                               aligned(dmc, V * sizeof(A)) && aligned(dxc, V * sizeof(A)) &&
+                               aligned(axc, V * sizeof(int32_t))
+                         : G.P % V == 0 && maps_aligned(m, V));
+    with_vec<T>(vec, [&](auto VV) {
+      constexpr int VEC = decltype(VV)::value;
+      const PixelLaunch L = pixel_launch<VEC>(G, cl, 32 * VEC * 4, 8);
+      const auto kernel = cl ? grad_x_cl<T, VEC> : grad_x_planar<T, VEC>;
+      kernel<<<L.grid, L.block, 0, stream>>>(dp, ap, m, gp, dmc, dxc, axc, invP, op, G.N, int(G.C),
+                                             G.P, L.sp.S, L.sp.chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return dx;
 }
