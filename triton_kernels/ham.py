@@ -181,30 +181,36 @@ def _split_tile(KEEP, RED, S, SPLIT, BLOCK_KEEP: tl.constexpr, BLOCK_RED: tl.con
 
 
 @triton.jit
-def _channel_step(x_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P, CL: tl.constexpr,
-                  ACC: tl.constexpr):
+def _channel_step(x_ptr, dy_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P, CL: tl.constexpr,
+                  ACC: tl.constexpr, GRAD: tl.constexpr):
     """One [BLOCK_C, BLOCK_P] step of a channel reduction over channels c (nc = n C): the channel
-    and tile masks, x's offsets and values (in ACC), a[n, c] and c in group 1 ([BLOCK_C, 1])."""
+    mask, x's values and (GRAD; else x's again) dy's, in ACC, a[n, c] and c in group 1
+    ([BLOCK_C, 1])."""
     cmask = c < C
     mask = cmask[:, None] & pmask[None, :]
     off = _offsets(n, c, p, C, P, CL)
     xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+    if GRAD:
+        dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
+    else:
+        dv = xv
     av = tl.load(a_ptr + nc + c, mask=cmask, other=0.0)
-    return cmask, mask, off, xv, av, _in_group1(g_ptr + nc, c, cmask)
+    return cmask, xv, dv, av, _in_group1(g_ptr + nc, c, cmask)
 
 
 @triton.jit
-def _store_group(sum_ptr, max_ptr, idx_ptr, o, pmask, total, best, idx, size, final,
+def _store_group(sum_ptr, max_ptr, idx_ptr, o, g_off, pmask, total, best, idx, size, final,
                  ACC: tl.constexpr):
-    """A group's channel pooling at rows o: the lanes' sum, max and first argmax ([BLOCK_C,
-    BLOCK_P], reduced over the channels); final (S = 1): the avg (sum / |g|) and zeros for an
-    empty group, else the raw partial state."""
+    """A group's channel pooling at o + g_off (g_off: 0 for group 0, P for group 1): the lanes'
+    sum, max and first argmax ([BLOCK_C, BLOCK_P], reduced over the channels); final (S = 1): the
+    avg (sum / |g|) and zeros for an empty group, else the raw partial state."""
     m, i = _argmax_reduce(best, idx, 0)
     inv = tl.where(size > 0, 1.0 / tl.maximum(size, 1).to(ACC), 0.0)
     empty = final & (size == 0)
-    tl.store(sum_ptr + o, tl.where(final, tl.sum(total, axis=0) * inv, tl.sum(total, axis=0)), mask=pmask)
-    tl.store(max_ptr + o, tl.where(empty, 0.0, m), mask=pmask)
-    tl.store(idx_ptr + o, tl.where(empty, 0, i), mask=pmask)
+    sums = tl.sum(total, axis=0)
+    tl.store(sum_ptr + o + g_off, tl.where(final, sums * inv, sums), mask=pmask)
+    tl.store(max_ptr + o + g_off, tl.where(empty, 0.0, m), mask=pmask)
+    tl.store(idx_ptr + o + g_off, tl.where(empty, 0, i), mask=pmask)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -257,8 +263,8 @@ def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, 
     nc = n.to(tl.int64) * C
     for c0 in range(c_lo, c_hi, BLOCK_C):  # SPLIT is a multiple of BLOCK_C
         c = c0 + rc
-        cmask, mask, off, xv, av, in1 = _channel_step(x_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P,
-                                                      CL, ACC)
+        cmask, xv, _, av, in1 = _channel_step(x_ptr, None, a_ptr, g_ptr, n, nc, c, p, pmask, C, P,
+                                              CL, ACC, False)
         f = av[:, None] * xv
         v0 = tl.where(in1, 0.0, f)
         v1 = tl.where(in1, f, 0.0)
@@ -269,8 +275,8 @@ def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, 
         best1, idx1 = _take(tl.where(cmask[:, None], v1, float("-inf")), cc, best1, idx1)
     final = S == 1
     o = s.to(tl.int64) * R + n.to(tl.int64) * 2 * P + p
-    _store_group(sum_ptr, max_ptr, idx_ptr, o, pmask, sum0, best0, idx0, size0, final, ACC)
-    _store_group(sum_ptr, max_ptr, idx_ptr, o + P, pmask, sum1, best1, idx1, size1, final, ACC)
+    _store_group(sum_ptr, max_ptr, idx_ptr, o, 0, pmask, sum0, best0, idx0, size0, final, ACC)
+    _store_group(sum_ptr, max_ptr, idx_ptr, o, P, pmask, sum1, best1, idx1, size1, final, ACC)
 
 
 @triton.jit(do_not_specialize=_INTS)
@@ -302,9 +308,8 @@ def _gate_grad_s_kernel(dy_ptr, x_ptr, a_ptr, g_ptr, sum_ptr, C, P, S, SPLIT, R,
     nc = n.to(tl.int64) * C
     for c0 in range(c_lo, c_hi, BLOCK_C):  # SPLIT is a multiple of BLOCK_C
         c = c0 + rc
-        cmask, mask, off, xv, av, in1 = _channel_step(x_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C, P,
-                                                      CL, ACC)
-        dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
+        cmask, xv, dv, av, in1 = _channel_step(x_ptr, dy_ptr, a_ptr, g_ptr, n, nc, c, p, pmask, C,
+                                               P, CL, ACC, True)
         v = dv * av[:, None] * xv
         sum0 += tl.where(in1, 0.0, v)
         sum1 += tl.where(in1, v, 0.0)

@@ -243,10 +243,18 @@ struct GroupMaps {
 
 // ------------------------------------------------------------- planar: a warp per (plane, split)
 
-// Warp w of the grid: channel w / S, pixels [p0, p1) of split w % S. 32-bit: the host checks
-// C S < 2^31, and pixel indices are < P < 2^31.
+// Warp w of the grid: channel w / S, pixels [p0, p1) of split w % S; lane: the thread's lane,
+// whose packs of VEC pixels lie 32 VEC apart. 32-bit: the host checks C S < 2^31, and pixel
+// indices are < P < 2^31.
 struct PlaneTask {
   uint32_t c, s, p0, p1;
+  int lane;
+
+  // The task's pixels, batched<U>: this lane's packs of VEC.
+  template <int U, int VEC, typename Load, typename Use>
+  __device__ __forceinline__ void pixels(Load&& ld, Use&& use) const {
+    batched<U>(p0 + lane * VEC, p1, 32 * VEC, ld, use);
+  }
 };
 
 __device__ __forceinline__ bool plane_task(int C, int S, int64_t P, int64_t chunk, PlaneTask& t) {
@@ -256,6 +264,7 @@ __device__ __forceinline__ bool plane_task(int C, int S, int64_t P, int64_t chun
   t.s = w - t.c * uint32_t(S);
   t.p0 = uint32_t(t.s * chunk);
   t.p1 = uint32_t(lo(P, t.p0 + chunk));
+  t.lane = threadIdx.x & 31;
   return true;
 }
 
@@ -266,15 +275,15 @@ __global__ void __launch_bounds__(kThreads) pool_pixels_planar(
   constexpr int U = VEC > 1 ? 2 : 8;
   PlaneTask t;
   if (!plane_task(C, S, P, chunk, t)) return;
-  const int lane = threadIdx.x & 31;
 #pragma unroll 1
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    const T* xp = x + (n * C + t.c) * P;
+    const int64_t q = n * C + t.c;
+    const T* xp = x + q * P;
     A sum = 0, best = A(-INFINITY);
     int32_t arg = kNone;
     Pack<T, VEC> v[U];
-    batched<U>(
-        t.p0 + lane * VEC, t.p1, 32 * VEC, [&](int u, uint32_t p) { v[u] = load<VEC>(xp + p); },
+    t.pixels<U, VEC>(
+        [&](int u, uint32_t p) { v[u] = load<VEC>(xp + p); },
         [&](int u, uint32_t p) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
@@ -285,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) pool_pixels_planar(
         });
     sum = lanes_sum(sum, 32);
     lanes_max(best, arg, 32);
-    if (lane == 0) out.put(n * C + t.c, t.s, 0, sum, best, arg);
+    if (t.lane == 0) out.put(q, t.s, 0, sum, best, arg);
   }
 }
 
@@ -299,7 +308,6 @@ __global__ void __launch_bounds__(kThreads) grad_a_planar(
   constexpr int U = VEC > 1 ? 1 : 4;
   PlaneTask t;
   if (!plane_task(C, S, P, chunk, t)) return;
-  const int lane = threadIdx.x & 31;
 #pragma unroll 1
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t q = n * C + t.c;
@@ -311,8 +319,7 @@ __global__ void __launch_bounds__(kThreads) grad_a_planar(
     A acc = 0;
     Pack<T, VEC> xv[U], dv[U];
     MapPacks<A, VEC> mp[U];
-    batched<U>(
-        t.p0 + lane * VEC, t.p1, 32 * VEC,
+    t.pixels<U, VEC>(
         [&](int u, uint32_t p) {
           xv[u] = load<VEC>(xp + p);
           dv[u] = load<VEC>(dp + p);
@@ -326,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) grad_a_planar(
           }
         });
     acc = lanes_sum(acc, 32);
-    if (lane == 0) out.put(q, t.s, 0, acc, A(0), 0);
+    if (t.lane == 0) out.put(q, t.s, 0, acc, A(0), 0);
   }
 }
 
@@ -340,7 +347,6 @@ __global__ void __launch_bounds__(kThreads) gate_planar(
   constexpr int U = VEC > 1 ? 2 : 4;
   PlaneTask t;
   if (!plane_task(C, S, P, chunk, t)) return;
-  const int lane = threadIdx.x & 31;
 #pragma unroll 1
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t q = n * C + t.c;
@@ -350,8 +356,7 @@ __global__ void __launch_bounds__(kThreads) gate_planar(
     T* yp = y + q * P;
     Pack<T, VEC> xv[U];
     Pack<A, VEC> sv[U];
-    batched<U>(
-        t.p0 + lane * VEC, t.p1, 32 * VEC,
+    t.pixels<U, VEC>(
         [&](int u, uint32_t p) {
           xv[u] = load<VEC>(xp + p);
           sv[u] = load<VEC>(sr + p);
@@ -376,7 +381,6 @@ __global__ void __launch_bounds__(kThreads) grad_x_planar(
   constexpr int U = VEC > 1 ? 1 : 4;
   PlaneTask t;
   if (!plane_task(C, S, P, chunk, t)) return;
-  const int lane = threadIdx.x & 31;
 #pragma unroll 1
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t q = n * C + t.c;
@@ -388,8 +392,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_planar(
     T* op = dx + q * P;
     Pack<T, VEC> dv[U];
     MapPacks<A, VEC> mp[U];
-    batched<U>(
-        t.p0 + lane * VEC, t.p1, 32 * VEC,
+    t.pixels<U, VEC>(
         [&](int u, uint32_t p) {
           dv[u] = load<VEC>(dp + p);
           mp[u].read(m, row, p);
@@ -415,6 +418,12 @@ __global__ void __launch_bounds__(kThreads) grad_x_planar(
 struct ClTask {
   int64_t tile_c, c;  // first channel of the tile, of this thread
   uint32_t s, p0, p1;
+
+  // The task's pixels, batched<U>: those of this thread's row, blockDim.y apart.
+  template <int U, typename Load, typename Use>
+  __device__ __forceinline__ void pixels(Load&& ld, Use&& use) const {
+    batched<U>(p0 + threadIdx.y, p1, blockDim.y, ld, use);
+  }
 };
 
 template <int VEC>
@@ -456,8 +465,8 @@ struct ClMerge {
       : sh_sum(sum), sh_max(max), sh_arg(arg), W(blockDim.x * VEC),
         slot(threadIdx.y * W + threadIdx.x * VEC), col(threadIdx.y * blockDim.x + threadIdx.x) {}
 
-  __device__ __forceinline__ void put(const ClTask& t, int64_t n, int C, const A* sum, const A* best,
-                                      const int32_t* arg, const Sink<A>& out) const {
+  __device__ __forceinline__ void put(const ClTask& t, int64_t n, int C, const A* sum,
+                                      const A* best, const int32_t* arg, const Sink<A>& out) const {
     __syncthreads();  // the previous sample's merge has read the shared rows
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -499,8 +508,7 @@ __global__ void __launch_bounds__(kThreads) pool_pixels_cl(
     if (t.c < C) {
       const T* xs = x + n * P * C + t.c;
       Pack<T, VEC> v[U];
-      batched<U>(
-          t.p0 + threadIdx.y, t.p1, blockDim.y,
+      t.pixels<U>(
           [&](int u, uint32_t p) { v[u] = load<VEC>(xs + int64_t(p) * C); },
           [&](int u, uint32_t p) {
 #pragma unroll
@@ -537,8 +545,7 @@ __global__ void __launch_bounds__(kThreads) grad_a_cl(
       const T* ds = dy + n * P * C + t.c;
       Pack<T, VEC> xv[U], dv[U];
       GroupMaps<A> gm[U];
-      batched<U>(
-          t.p0 + threadIdx.y, t.p1, blockDim.y,
+      t.pixels<U>(
           [&](int u, uint32_t p) {
             xv[u] = load<VEC>(xs + int64_t(p) * C);
             dv[u] = load<VEC>(ds + int64_t(p) * C);
@@ -577,8 +584,7 @@ __global__ void __launch_bounds__(kThreads) gate_cl(
     T* ys = y + n * P * C + t.c;
     Pack<T, VEC> xv[U];
     A sa[U], sb[U];
-    batched<U>(
-        t.p0 + threadIdx.y, t.p1, blockDim.y,
+    t.pixels<U>(
         [&](int u, uint32_t p) {
           xv[u] = load<VEC>(xs + int64_t(p) * C);
           sa[u] = s0[p];
@@ -618,8 +624,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_cl(
     T* os = dx + n * P * C + t.c;
     Pack<T, VEC> dv[U];
     GroupMaps<A> gm[U];
-    batched<U>(
-        t.p0 + threadIdx.y, t.p1, blockDim.y,
+    t.pixels<U>(
         [&](int u, uint32_t p) {
           dv[u] = load<VEC>(ds + int64_t(p) * C);
           gm[u].read(m, r0, r1, p);
@@ -942,7 +947,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels_cuda(const at::Tensor
       const PixelLaunch L = pixel_launch<VEC>(G, cl, kMinPlaneSplit, 16);
       const Reduction<A> red(fin, L.sp.S, G.N * G.C, opts);
       const auto kernel = cl ? pool_pixels_cl<T, VEC> : pool_pixels_planar<T, VEC>;
-      kernel<<<L.grid, L.block, 0, stream>>>(xp, red.first(), G.N, int(G.C), G.P, L.sp.S, L.sp.chunk);
+      kernel<<<L.grid, L.block, 0, stream>>>(xp, red.first(), G.N, int(G.C), G.P, L.sp.S,
+                                             L.sp.chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       red.merge(G.N, G.C, 0, stream);
     });
@@ -1097,7 +1103,8 @@ at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
     const A* sp_ = s.const_data_ptr<A>();
     const bool* gp = group.const_data_ptr<bool>();
     const bool vec = aligned(xp, 16) && aligned(yp, 16) &&
-                     (cl ? cl_vec<T>(G.C) && aligned(ap, kVec<T> * sizeof(A)) && aligned(gp, kVec<T>)
+                     (cl ? cl_vec<T>(G.C) && aligned(ap, kVec<T> * sizeof(A)) &&
+                               aligned(gp, kVec<T>)
                          : G.P % kVec<T> == 0 && aligned(sp_, kVec<T> * sizeof(A)));
     with_vec<T>(vec, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
