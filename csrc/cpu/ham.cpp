@@ -551,6 +551,11 @@ void set_sizes(Pass<T>& k, int64_t size0, int64_t size1) {
 
 // ------------------------------------------------------------------------------- host ops
 
+// The (N, C) group flags as bytes (bool is one byte holding 0 or 1).
+const uint8_t* group_bytes(const at::Tensor& group) {
+  return reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+}
+
 #define FA_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
@@ -591,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
     k.G = G;
     k.x = x.const_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
-    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    k.group = group_bytes(group);
     set_sizes(k, size0, size1);
     k.r0 = avg.mutable_data_ptr<A>();
     k.r1 = mx.mutable_data_ptr<A>();
@@ -617,7 +622,7 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s, c
     k.out = y.mutable_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
     k.s = s.const_data_ptr<A>();
-    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    k.group = group_bytes(group);
     launch(Op::kGate, k);
   });
   return y;
@@ -639,7 +644,7 @@ at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     k.x = x.const_data_ptr<scalar_t>();
     k.dy = dy.const_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
-    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    k.group = group_bytes(group);
     k.r0 = ds.mutable_data_ptr<A>();
     launch(Op::kGateGradS, k);
   });
@@ -674,7 +679,7 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s
     k.x = x.const_data_ptr<scalar_t>();
     k.dy = dy.const_data_ptr<scalar_t>();
     k.s = s.const_data_ptr<A>();
-    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    k.group = group_bytes(group);
     set_pool_grads(k, d_avg, d_max, argmax, size0, size1);
     k.r0 = da.mutable_data_ptr<A>();
     launch(Op::kGradA, k);
@@ -704,7 +709,7 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
     k.out = dx.mutable_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
     k.s = s.const_data_ptr<A>();
-    k.group = reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+    k.group = group_bytes(group);
     set_pool_grads(k, d_avg, d_max, argmax, size0, size1);
     k.d_mean_c = d_mean_c.const_data_ptr<A>();
     k.d_max_c = d_max_c.const_data_ptr<A>();

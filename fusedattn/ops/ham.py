@@ -14,7 +14,7 @@ BatchNorm, ReLU, sigmoid — stays in torch. Forward (x read three times, y writ
 Backward (x read twice, dy three times, dx written once, no full-size temporaries)::
 
     ds = ham_gate_grad_s(dy, x, a, group)                       # sum over the group's channels
-    z = conv7x7(saved conv input); d_avg, d_max, d(conv, bn) <- spatial_backward (by hand; the
+    z = conv7x7(saved conv input); s, d_avg, d_max, d(conv, bn) <- spatial_backward (by hand; the
                                  input's gradient as a conv with the flipped kernel)
     da = ham_grad_a(x, dy, s, group, d_avg, d_max, argmax_g)    # sum over pixels
     d_mean_c, d_max_c, d(alpha, beta, conv1d) <- channel_backward (by hand, from a)
@@ -250,32 +250,28 @@ def bn_stats(z, bn, training: bool):
     return mean, torch.rsqrt(var + bn.eps)
 
 
-def spatial_gates(z, sizes, bn, training: bool, update_stats: bool):
+def spatial_gates(z, sizes, bn):
     """s (N, 2, P) = sigmoid(relu(bn(z_g))) per non-empty group (zeros for an empty one: it gates
-    no channel). With update_stats the module's BatchNorm runs (running statistics move once per
-    group, as in the reference); otherwise the same normalisation without touching them."""
+    no channel), through the module's BatchNorm: running statistics move once per group, as in
+    the reference."""
     groups = _groups(sizes)
     N = z.shape[0] // len(groups)
-    P = z[0].numel()
-    s = z.new_zeros(N, 2, P)
+    s = z.new_zeros(N, 2, z[0].numel())
     for i, g in enumerate(groups):
-        zg = z[i * N:(i + 1) * N]
-        if update_stats:
-            b = bn(zg.to(bn.weight.dtype)).to(z.dtype)
-        else:
-            mean, rstd = bn_stats(zg, bn, training)
-            b = (zg - mean) * rstd * bn.weight.to(z.dtype) + bn.bias.to(z.dtype)
-        s[:, g] = torch.sigmoid(torch.relu(b)).view(N, P)
+        b = bn(z[i * N:(i + 1) * N].to(bn.weight.dtype)).to(z.dtype)
+        s[:, g] = torch.sigmoid(torch.relu(b)).view(N, -1)
     return s
 
 
 def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
-    """Gradients of the spatial branch, by hand from the conv's input and output z: returns
+    """The spatial branch again from the conv's input and output z (BatchNorm's normalisation
+    without touching its running statistics), and its gradients by hand: returns s (N, 2, P),
     d_avg, d_max (N, 2, P), d_weight of the conv, d_weight and d_bias of the BatchNorm."""
     groups = _groups(sizes)
     N = z.shape[0] // len(groups)
     dt = z.dtype
     gamma = bn.weight.to(dt)
+    s = z.new_zeros(ds.shape)
     d_gamma = torch.zeros((), dtype=dt, device=z.device)
     d_beta = torch.zeros((), dtype=dt, device=z.device)
     dz = []
@@ -285,6 +281,7 @@ def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
         xhat = (zg - mean) * rstd
         b = xhat * gamma + bn.bias.to(dt)
         sg = torch.sigmoid(torch.relu(b))
+        s[:, g] = sg.view(N, -1)
         db = ds[:, g].view_as(zg) * sg * (1 - sg) * (b > 0).to(dt)
         d_gamma = d_gamma + (db * xhat).sum()
         d_beta = d_beta + db.sum()
@@ -305,7 +302,7 @@ def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
         part = d_inp[i * N:(i + 1) * N].flatten(2)
         d_avg[:, g] = part[:, 0]
         d_max[:, g] = part[:, 1]
-    return d_avg, d_max, d_w, d_gamma, d_beta
+    return s, d_avg, d_max, d_w, d_gamma, d_beta
 
 
 class HAMFunction(torch.autograd.Function):
@@ -323,7 +320,7 @@ class HAMFunction(torch.autograd.Function):
         training = module.bn.training
         inp = spatial_input(avg, mx, hw, sizes)
         z = spatial_logits(inp, w_sp)
-        s = spatial_gates(z, sizes, module.bn, training, update_stats=True)
+        s = spatial_gates(z, sizes, module.bn)
         y = op["gate"](x, a, s, group)
         ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp)
         ctx.meta = (sizes, training, module.bn, backend)
@@ -336,9 +333,9 @@ class HAMFunction(torch.autograd.Function):
         op = passes(backend)
         dy = layout.in_layout_of(dy, x)
         z = spatial_logits(inp, w_sp)  # recomputed: cheaper than keeping it (2 maps per sample)
-        s = spatial_gates(z, sizes, bn, training, update_stats=False)
         ds = op["gate_grad_s"](dy, x, a, group)
-        d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn, training)
+        s, d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn,
+                                                                training)
         da = op["grad_a"](x, dy, s, group, d_avg, d_max, arg_g, *sizes)
         d_mean, d_maxc, d_alpha, d_beta, d_w1 = channel_backward(da, a, mean_c, max_c, alpha, beta,
                                                                  w1)
