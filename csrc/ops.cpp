@@ -8,18 +8,20 @@ TORCH_LIBRARY(fusedattn, m) {
   m.def("simam_forward(Tensor x, float e_lambda) -> (Tensor y, Tensor mu, Tensor inv)");
   m.def("simam_backward(Tensor grad, Tensor x, Tensor mu, Tensor inv) -> Tensor");
 
-  // HAM's passes over full-size tensors (csrc/cpu/ham.cpp states the math). Small tensors: a,
-  // d_mean_c, ... (N, C); s, d_avg, ... (N, 2, P), group 0 (important) / 1 per (n, c).
-  m.def("ham_pool_pixels(Tensor x) -> (Tensor mean, Tensor max, Tensor argmax)");
-  m.def("ham_pool_channels(Tensor x, Tensor a, Tensor group, int size0, int size1)"
+  // The generic attention passes over full-size tensors (docs/passes.md states the math;
+  // csrc/pass_check.h the shapes). SE, ECA, CBAM and HAM are built from them. Small tensors:
+  // a, d_mean_c, ... (N, C); s, d_avg, ... (N, G, P) with G = 1 without `group`, 2 with it
+  // (group: (N, C) bool, true = group 1; size0/size1 the group sizes, C and 0 without group).
+  m.def("pool_pixels(Tensor x, bool with_max) -> (Tensor mean, Tensor max, Tensor argmax)");
+  m.def("pool_channels(Tensor x, Tensor a, Tensor? group, int size0, int size1)"
         " -> (Tensor avg, Tensor max, Tensor argmax)");
-  m.def("ham_gate(Tensor x, Tensor a, Tensor s, Tensor group) -> Tensor");
-  m.def("ham_gate_grad_s(Tensor dy, Tensor x, Tensor a, Tensor group) -> Tensor");
-  m.def("ham_grad_a(Tensor x, Tensor dy, Tensor s, Tensor group, Tensor d_avg, Tensor d_max,"
-        " Tensor argmax, int size0, int size1) -> Tensor");
-  m.def("ham_grad_x(Tensor dy, Tensor a, Tensor s, Tensor group, Tensor d_avg, Tensor d_max,"
-        " Tensor argmax, int size0, int size1, Tensor d_mean_c, Tensor d_max_c, Tensor argmax_c)"
-        " -> Tensor");
+  m.def("gate(Tensor x, Tensor a, Tensor? s, Tensor? group) -> Tensor");
+  m.def("gate_grad_s(Tensor dy, Tensor x, Tensor a, Tensor? group) -> Tensor");
+  m.def("grad_a(Tensor x, Tensor dy, Tensor? s, Tensor? group, Tensor? d_avg, Tensor? d_max,"
+        " Tensor? argmax, int size0, int size1) -> Tensor");
+  m.def("grad_x(Tensor dy, Tensor a, Tensor? s, Tensor? group, Tensor? d_avg, Tensor? d_max,"
+        " Tensor? argmax, int size0, int size1, Tensor d_mean_c, Tensor? d_max_c,"
+        " Tensor? argmax_c) -> Tensor");
 
   // Same-padded stride-1 convolution without bias (odd k), and its weight gradient: HAM's
   // spatial conv on CPU (csrc/cpu/conv.cpp); fp32/fp64.

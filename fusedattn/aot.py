@@ -3,7 +3,8 @@
     python -m fusedattn.aot [--arch 80,90] [--filter simam_fwd] [--quiet]
 
 For each target architecture and each variant the launchers can produce (taken from the
-launchers' own ``aot_variants()``), runs Triton's full pipeline to PTX and cubin, then ptxas -v
+launchers' own ``aot_variants()``, for every Triton module of the op registry), runs Triton's
+full pipeline to PTX and cubin, then ptxas -v
 on the PTX for the register, spill and shared-memory report, and reads the PTX for the widest
 global load of the kernel. Prints one line per kernel and exits non-zero if any kernel fails to
 compile or spills (local memory).
@@ -27,7 +28,6 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-KERNEL_MODULES = ("simam", "ham")
 
 
 @dataclass
@@ -44,7 +44,9 @@ class Report:
 
 def _variants(only: str | None):
     import importlib
-    for mod_name in KERNEL_MODULES:
+
+    from fusedattn import registry
+    for mod_name in registry.triton_modules():
         mod = importlib.import_module(f"fusedattn.triton_kernels.{mod_name}")
         for v in mod.aot_variants():
             if only is None or only in v[0]:
@@ -131,9 +133,10 @@ def main(argv=None) -> int:
                 print(line + ("  <-- SPILLS" if r.ok and r.spill_bytes > 0 else ""), flush=True)
     failed = [r for r in reports if not r.ok]
     spilled = [r for r in reports if r.ok and r.spill_bytes > 0]
-    # kernels that should load full-size tensors as vectors: SimAM's forward, HAM's aligned rows
+    # kernels that should load full-size tensors as vectors: SimAM's forward, the generic
+    # passes' 16-byte-aligned rows
     groups = {"SimAM forward": lambda n: n.startswith("simam_fwd_"),
-              "HAM aligned": lambda n: n.startswith("ham_") and n.endswith("_aligned")}
+              "passes aligned": lambda n: not n.startswith("simam") and n.endswith("_aligned")}
     counts = []
     for label, pick in groups.items():
         sel = [r for r in reports if r.ok and pick(r.name)]

@@ -7,11 +7,12 @@ Backends:
               (set before triton is imported).
   ``eager``   the eager reference (``fusedattn.reference``), for any device.
 
-Default: CPU tensors use ``cpu``; CUDA tensors use ``triton``, then ``cuda`` if triton cannot run
+Ops are named by their public names (``fusedattn.registry.OPS``: "simam", "ham", "se", "eca",
+"cbam"). Default: CPU tensors use ``cpu``; CUDA tensors use ``triton``, then ``cuda`` if triton cannot run
 (with a warning that names the reason). A backend chosen with :func:`use_backend` or the
 environment variable ``FUSEDATTN_BACKEND`` must run, or the op raises
 :class:`BackendUnavailable` with the reason: nothing falls back silently.
-:func:`last_backend` tells which backend the last fused call used.
+:func:`last_backend` tells which backend the last call of an op used (``eager`` included).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import registry
+
 NAMES = ("cpu", "cuda", "triton", "eager")
-TRITON_OPS = frozenset({"simam_forward", "ham_pool_pixels"})  # ops with Triton kernels
 _DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
@@ -75,8 +77,11 @@ def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedattn::{op}", key)
 
 
-def status(name: str, op: str = "simam_forward") -> Status:
-    """Whether backend ``name`` can run ``op`` on this machine, and if not, why."""
+def status(name: str, op: str = "simam") -> Status:
+    """Whether backend ``name`` can run ``op`` (a public op name) on this machine, and if not,
+    why."""
+    entry = registry.get(op)
+    kernel = entry.kernel
     if name == "eager":
         return Status(True, "eager PyTorch reference, any device")
     if name in ("cpu", "cuda"):
@@ -88,17 +93,17 @@ def status(name: str, op: str = "simam_forward") -> Status:
             if not mod.cuda_compiled():
                 return Status(False, "fusedattn._C was built without CUDA sources (no nvcc or no "
                                      "CUDA build of torch at build time, or FUSEDATTN_CUDA=0)")
-            if not _has_kernel(op, key):
-                return Status(False, f"no CUDA kernel is registered for fusedattn::{op}")
+            if not _has_kernel(kernel, key):
+                return Status(False, f"no CUDA kernel is registered for fusedattn::{kernel}")
             if not torch.cuda.is_available():
                 return Status(False, "no CUDA device is visible to torch")
             return Status(True, "CUDA C++ kernels, CUDA tensors")
-        if not _has_kernel(op, key):
-            return Status(False, f"no CPU kernel is registered for fusedattn::{op}")
+        if not _has_kernel(kernel, key):
+            return Status(False, f"no CPU kernel is registered for fusedattn::{kernel}")
         return Status(True, "C++ kernels, CPU tensors")
     if name == "triton":
-        if op not in TRITON_OPS:
-            return Status(False, f"no Triton kernel for fusedattn::{op} yet")
+        if entry.triton is None:
+            return Status(False, f"no Triton kernels for {op} yet")
         err = _triton_import_error()
         if err:
             return Status(False, err)
@@ -158,7 +163,7 @@ def _runs_on(name: str, device: torch.device) -> str:
 
 
 def select(op: str, x: torch.Tensor) -> str:
-    """The backend that runs ``op`` (a ``fusedattn::`` forward op name) on ``x``. Under
+    """The backend that runs ``op`` (a public op name) on ``x``. Under
     torch.compile the choice is made once, when the graph is traced."""
     return _select(op, x.device.type)
 
@@ -193,6 +198,12 @@ def _record(op: str, name: str) -> str:
     return name
 
 
-def last_backend(op: str = "simam_forward") -> str | None:
-    """The backend that the last call of ``op`` ran on (None before any call)."""
-    return _last.get(op)
+def record(op: str, name: str) -> None:
+    """Note that ``op`` ran on backend ``name`` (for the eager fallbacks of the modules)."""
+    _record(registry.get(op).name, name)
+
+
+def last_backend(op: str = "simam") -> str | None:
+    """The backend that the last call of ``op`` (a public op name: "simam", "ham", "se", "eca",
+    "cbam") ran on (None before any call)."""
+    return _last.get(registry.get(op).name)

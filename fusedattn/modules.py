@@ -36,7 +36,7 @@ class HAM(reference.HAM):
         reference.check_ham_input(x, self.channels)
         if x.numel() == 0:
             return x.clone()
-        backend = dispatch.select("ham_pool_pixels", x)
+        backend = dispatch.select("ham", x)
         if backend == "eager":
             return super().forward(x)
         return ham_op(self, x, backend)

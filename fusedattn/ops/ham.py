@@ -1,24 +1,24 @@
 """HAM, fused (math: ``fusedattn.reference.HAM``, spec/ham.md).
 
-The passes over full-size tensors are ops: ``fusedattn::ham_*`` (C++; kernels in csrc/cpu/ham.cpp
-and csrc/cuda/ham.cu) and ``fusedattn::ham_*_triton`` (custom ops over triton_kernels/ham.py),
-with one contract; the backend chosen for ``ham_pool_pixels`` runs all six. The work indexed by (n, c) or (n, pixel) — the channel conv, the channel split, the 7x7 conv,
-BatchNorm, ReLU, sigmoid — stays in torch. Forward (x read three times, y written once)::
+The passes over full-size tensors are the generic passes (``fusedattn.ops.passes``,
+docs/passes.md) with two channel groups; the backend chosen for "ham" runs all six. The work
+indexed by (n, c) or (n, pixel) — the channel conv, the channel split, the 7x7 conv, BatchNorm,
+ReLU, sigmoid — stays in torch. Forward (x read three times, y written once)::
 
-    mean_c, max_c, argmax_c = ham_pool_pixels(x)               # pass 1
+    mean_c, max_c, argmax_c = pool_pixels(x, with_max=True)     # pass 1
     a = sigmoid(conv1d(add_c)); group = not important(a)        # small
-    avg_g, max_g, argmax_g = ham_pool_channels(x, a, group)     # pass 2: f = a x never stored
+    avg_g, max_g, argmax_g = pool_channels(x, a, group)         # pass 2: f = a x never stored
     s_g = sigmoid(relu(bn(conv7x7([avg_g, max_g]))))            # small, per group
-    y = ham_gate(x, a, s, group)                                # pass 3
+    y = gate(x, a, s, group)                                    # pass 3
 
 Backward (x read twice, dy three times, dx written once, no full-size temporaries)::
 
-    ds = ham_gate_grad_s(dy, x, a, group)                       # sum over the group's channels
+    ds = gate_grad_s(dy, x, a, group)                           # sum over the group's channels
     z = conv7x7(saved conv input); s, d_avg, d_max, d(conv, bn) <- spatial_backward (by hand; the
                                  input's gradient as a conv with the flipped kernel)
-    da = ham_grad_a(x, dy, s, group, d_avg, d_max, argmax_g)    # sum over pixels
+    da = grad_a(x, dy, s, group, d_avg, d_max, argmax_g)        # sum over pixels
     d_mean_c, d_max_c, d(alpha, beta, conv1d) <- channel_backward (by hand, from a)
-    dx = ham_grad_x(dy, a, s, group, d_avg, d_max, argmax_g, d_mean_c, d_max_c, argmax_c)
+    dx = grad_x(dy, a, s, group, d_avg, d_max, argmax_g, d_mean_c, d_max_c, argmax_c)
 
 Autograd keeps x plus small tensors: per (n, c) the channel statistics, a and the split; per
 (n, pixel) the conv's input and the groups' argmax (int32); the conv's output z and s are
@@ -33,124 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
 from . import layout
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-PASSES = ("ham_pool_pixels", "ham_pool_channels", "ham_gate", "ham_gate_grad_s", "ham_grad_a",
-          "ham_grad_x")
-
-
-def _fakes():
-    def small(x, *shape, dtype=None):
-        return x.new_empty(shape, dtype=dtype or _acc(x.dtype))
-
-    def pool_pixels(x):
-        N, C = x.shape[:2]
-        return small(x, N, C), small(x, N, C), small(x, N, C, dtype=torch.int32)
-
-    def pool_channels(x, a, group, size0, size1):
-        N, P = x.shape[0], x.shape[2] * x.shape[3]
-        return small(x, N, 2, P), small(x, N, 2, P), small(x, N, 2, P, dtype=torch.int32)
-
-    def gate(x, a, s, group):
-        return torch.empty_like(x)
-
-    def gate_grad_s(dy, x, a, group):
-        return small(x, x.shape[0], 2, x.shape[2] * x.shape[3])
-
-    def grad_a(x, dy, s, group, d_avg, d_max, argmax, size0, size1):
-        return small(x, x.shape[0], x.shape[1])
-
-    def grad_x(dy, a, s, group, d_avg, d_max, argmax, size0, size1, d_mean_c, d_max_c, argmax_c):
-        return torch.empty_like(dy)
-
-    return dict(zip(PASSES, (pool_pixels, pool_channels, gate, gate_grad_s, grad_a, grad_x)))
-
-
-def _register_fakes(suffix: str = "") -> None:
-    for name, fake in _fakes().items():
-        torch.library.register_fake(f"fusedattn::{name}{suffix}")(fake)
-
-
-def _register_conv_fakes() -> None:
-    @torch.library.register_fake("fusedattn::same_conv2d")
-    def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0], *x.shape[2:])
-
-    @torch.library.register_fake("fusedattn::same_conv2d_weight_grad")
-    def _(dy, x, k):
-        return x.new_empty(dy.shape[1], x.shape[1], k, k)
-
-
-if dispatch._native()[0] is not None:  # the C++ schemas exist only when _C loaded
-    _register_fakes()
-    _register_conv_fakes()
-
-
-# ----------------------------------------------------------------------------- Triton ops
-# The same contract as the C++ ops (x in a readable layout, dy in x's strides); kernels in
-# triton_kernels/ham.py.
-
-def _kernels():
-    from ..triton_kernels import ham as kernels
-    return kernels
-
-
-Tensor = torch.Tensor
-
-
-@torch.library.custom_op("fusedattn::ham_pool_pixels_triton", mutates_args=())
-def _pool_pixels_triton(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().pool_pixels(x)
-
-
-@torch.library.custom_op("fusedattn::ham_pool_channels_triton", mutates_args=())
-def _pool_channels_triton(x: Tensor, a: Tensor, group: Tensor, size0: int,
-                          size1: int) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().pool_channels(x, a, group, size0, size1)
-
-
-@torch.library.custom_op("fusedattn::ham_gate_triton", mutates_args=())
-def _gate_triton(x: Tensor, a: Tensor, s: Tensor, group: Tensor) -> Tensor:
-    return _kernels().gate(x, a, s, group)
-
-
-@torch.library.custom_op("fusedattn::ham_gate_grad_s_triton", mutates_args=())
-def _gate_grad_s_triton(dy: Tensor, x: Tensor, a: Tensor, group: Tensor) -> Tensor:
-    return _kernels().gate_grad_s(dy, x, a, group)
-
-
-@torch.library.custom_op("fusedattn::ham_grad_a_triton", mutates_args=())
-def _grad_a_triton(x: Tensor, dy: Tensor, s: Tensor, group: Tensor, d_avg: Tensor, d_max: Tensor,
-                   argmax: Tensor, size0: int, size1: int) -> Tensor:
-    return _kernels().grad_a(x, dy, s, group, d_avg, d_max, argmax, size0, size1)
-
-
-@torch.library.custom_op("fusedattn::ham_grad_x_triton", mutates_args=())
-def _grad_x_triton(dy: Tensor, a: Tensor, s: Tensor, group: Tensor, d_avg: Tensor, d_max: Tensor,
-                   argmax: Tensor, size0: int, size1: int, d_mean_c: Tensor, d_max_c: Tensor,
-                   argmax_c: Tensor) -> Tensor:
-    return _kernels().grad_x(dy, a, s, group, d_avg, d_max, argmax, size0, size1, d_mean_c,
-                             d_max_c, argmax_c)
-
-
-_register_fakes("_triton")
-
-
-def _op(name: str):
-    return getattr(torch.ops.fusedattn, name).default
-
-
-def passes(backend: str) -> dict:
-    """The six pass ops of a fused backend: the C++ ops (their CPU or CUDA kernel by the tensor's
-    device) for ``cpu`` and ``cuda``, the Triton custom ops for ``triton``."""
-    suffix = "_triton" if backend == "triton" else ""
-    return {name[len("ham_"):]: _op(name + suffix) for name in PASSES}
-
+from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
+from .passes import passes
 
 # ----------------------------------------------------------------------------- small branches
 
@@ -217,23 +102,6 @@ def spatial_input(avg, mx, hw, sizes):
     return inp.reshape(-1, 2, *hw)
 
 
-def same_conv(x, w):
-    """Same-padded conv without bias: ``fusedattn::same_conv2d`` on CPU (oneDNN is slow for maps
-    with a few channels), F.conv2d (cuDNN) elsewhere."""
-    if x.device.type == "cpu":
-        return _op("same_conv2d")(x, w)
-    return F.conv2d(x, w, padding=w.shape[-1] // 2)
-
-
-def same_conv_weight_grad(dy, x, k):
-    """The weight gradient of same_conv(x, w) for a k x k kernel."""
-    if x.device.type == "cpu":
-        return _op("same_conv2d_weight_grad")(dy, x, k)
-    w = x.new_empty(dy.shape[1], x.shape[1], k, k)
-    return torch.ops.aten.convolution_backward(
-        dy, x, w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False])[1]
-
-
 def spatial_logits(inp, w_sp):
     """z = conv7x7(inp): one convolution for both groups (G N, 1, H, W)."""
     return same_conv(inp, w_sp.to(inp.dtype))
@@ -292,9 +160,7 @@ def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
     k = w_sp.shape[-1]
     dz = torch.cat(dz)
     w = w_sp.to(dt)
-    # grad of the input: the same-padded conv of dz with the flipped, transposed kernel (oneDNN's
-    # convolution_backward for the input is ~10x slower than a forward conv on CPU)
-    d_inp = same_conv(dz, w.flip(-1, -2).transpose(0, 1).contiguous())
+    d_inp = same_conv_input_grad(dz, w)
     d_w = same_conv_weight_grad(dz, inp, k)
     d_avg = torch.zeros_like(ds)
     d_max = torch.zeros_like(ds)
@@ -313,7 +179,7 @@ class HAMFunction(torch.autograd.Function):
         op = passes(backend)
         C, hw = x.shape[1], tuple(x.shape[2:])
         sizes = (module.important, C - module.important)
-        mean_c, max_c, arg_c = op["pool_pixels"](x)
+        mean_c, max_c, arg_c = op["pool_pixels"](x, True)
         a = channel_attention(mean_c, max_c, alpha, beta, w1)
         group = ~important_mask(a, module.important)  # True: sub-important
         avg, mx, arg_g = op["pool_channels"](x, a, group, *sizes)

@@ -126,7 +126,7 @@ def simam(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
     check_args(x, e_lambda)
     if x.numel() == 0:
         return x.clone()
-    backend = dispatch.select("simam_forward", x)
+    backend = dispatch.select("simam", x)
     if backend == "eager":
         return reference.simam(x, e_lambda)
     y, _, _ = _op(_FORWARD_OF_BACKEND[backend])(layout.readable(x), float(e_lambda))

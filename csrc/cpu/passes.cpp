@@ -1,6 +1,8 @@
-// The heavy passes of HAM (spec/ham.md) on CPU tensors: everything that touches a full-size
-// tensor, for forward and backward (csrc/ham_check.h: layouts, small tensors, checks). Groups:
-// g(c) in {0 = important, 1 = sub-important}; size[g] channels each.
+// The generic attention passes (docs/passes.md) on CPU tensors: everything of SE, ECA, CBAM and
+// HAM that touches a full-size tensor, forward and backward (csrc/pass_check.h: layouts, small
+// tensors, checks). Groups: G = 1 (no group flags: every channel in group 0) or G = 2 (g(c) in
+// {0, 1}, size[g] channels each); the (n, g, p) maps have G rows per sample. Optional parts (the
+// spatial maps, the pixel max) are compile-time switches of the loops that read them.
 //
 // Every loop runs along the unit-stride dimension in fixed-width lanes that the compiler turns
 // into vectors (built for AVX-512, AVX2 and baseline x86-64, picked at load time), with a fixed
@@ -26,13 +28,13 @@
 #include <algorithm>
 #include <cmath>
 
-#include "ham_check.h"
+#include "pass_check.h"
 #include "layout.h"
 
 namespace fusedattn {
 namespace {
 
-using namespace ham;
+using namespace passes;
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
@@ -110,9 +112,11 @@ FA_INLINE A pool_grad(A d_avg_scaled, int32_t arg, A d_max, int32_t c) {
   return d_avg_scaled + (arg == c ? d_max : A(0));
 }
 
-// Per-group pointers into an (N, 2, P) map for sample n.
+// Row (n, h) of an (N, G, P) map.
 template <typename A>
-FA_INLINE const A* map_of(const A* m, int64_t n, int h, int64_t P) { return m + (n * 2 + h) * P; }
+FA_INLINE const A* map_of(const A* m, int64_t n, int h, int G, int64_t P) {
+  return m + (n * G + h) * P;
+}
 
 // What every pass knows of x and the small tensors. Unused fields stay null.
 template <typename T>
@@ -123,14 +127,16 @@ struct Pass {
   const T* dy = nullptr;
   T* out = nullptr;               // y or dx
   const A* a = nullptr;           // (N, C)
-  const uint8_t* group = nullptr;  // (N, C), bool as bytes (vectorises; bool loads do not)
-  const A* s = nullptr;           // (N, 2, P)
-  const A* d_avg = nullptr;       // (N, 2, P)
-  const A* d_max = nullptr;       // (N, 2, P)
-  const int32_t* argmax = nullptr;  // (N, 2, P)
+  int groups = 1;                 // channel groups G
+  const uint8_t* group = nullptr;  // (N, C), bool as bytes (vectorises; bool loads do not); G = 2
+  const A* s = nullptr;           // (N, G, P)
+  const A* d_avg = nullptr;       // (N, G, P)
+  const A* d_max = nullptr;       // (N, G, P)
+  const int32_t* argmax = nullptr;  // (N, G, P)
   const A* d_mean_c = nullptr;    // (N, C)
   const A* d_max_c = nullptr;     // (N, C)
   const int32_t* argmax_c = nullptr;  // (N, C)
+  bool with_max = true;           // pool_pixels: also the max
   A inv[2] = {A(0), A(0)};        // 1 / size_g (0 for an empty group)
   bool empty[2] = {false, false};
   A* r0 = nullptr;                // reduction outputs
@@ -145,9 +151,10 @@ struct Tile {
 enum class Op { kPoolPixels, kPoolChannels, kGate, kGateGradS, kGradA, kGradX };
 
 // ------------------------------------------------------------------- pass 1: pixel pooling
-// mean_c, max_c (first argmax) over the P pixels of every (n, c). r0 = mean, r1 = max, ri = arg.
+// mean_c and (MAX) max_c with its first argmax over the P pixels of every (n, c).
+// r0 = mean, r1 = max, ri = arg.
 
-template <typename T>
+template <typename T, bool MAX>
 FA_INLINE void pool_pixels_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // contiguous
   using A = acc_t<T>;
   const int64_t P = k.G.P;
@@ -162,12 +169,14 @@ FA_INLINE void pool_pixels_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // 
         for (int l = 0; l < kLanes; ++l) {
           const A v = A(x[l * P + i]);
           s[l] += v;
-          take(v, int32_t(i), m[l], ix[l]);
+          if constexpr (MAX) take(v, int32_t(i), m[l], ix[l]);
         }
       for (int l = 0; l < kLanes; ++l) {
         k.r0[r + l] = s[l] / A(P);
-        k.r1[r + l] = m[l];
-        k.ri[r + l] = ix[l];
+        if constexpr (MAX) {
+          k.r1[r + l] = m[l];
+          k.ri[r + l] = ix[l];
+        }
       }
     }
   }
@@ -176,24 +185,21 @@ FA_INLINE void pool_pixels_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // 
     alignas(64) A s[kLanes] = {}, m[kLanes];
     alignas(64) int32_t ix[kLanes];
     lanes_init(m, ix);
+    auto step = [&](int64_t i, int l) FA_INLINE_LAMBDA {
+      const A v = A(x[i]);
+      s[l] += v;
+      if constexpr (MAX) take(v, int32_t(i), m[l], ix[l]);
+    };
     int64_t i = 0;
     for (; i + kLanes <= P; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const A v = A(x[i + l]);
-        s[l] += v;
-        take(v, int32_t(i + l), m[l], ix[l]);
-      }
-    for (int l = 0; i + l < P; ++l) {
-      const A v = A(x[i + l]);
-      s[l] += v;
-      take(v, int32_t(i + l), m[l], ix[l]);
-    }
-    best_lane(m, ix, k.r1[r], k.ri[r]);
+      for (int l = 0; l < kLanes; ++l) step(i + l, l);
+    for (int l = 0; i + l < P; ++l) step(i + l, l);
+    if constexpr (MAX) best_lane(m, ix, k.r1[r], k.ri[r]);
     k.r0[r] = tree_sum(s) / A(P);
   }
 }
 
-template <typename T>
+template <typename T, bool MAX>
 FA_INLINE void pool_pixels_blocks(const Pass<T>& k, int64_t t0, int64_t t1) {  // channels-last
   using A = acc_t<T>;
   const Geom& G = k.G;
@@ -209,21 +215,24 @@ FA_INLINE void pool_pixels_blocks(const Pass<T>& k, int64_t t0, int64_t t1) {  /
       for (int64_t j = 0; j < nc; ++j) {
         const A v = A(x[j]);
         s[j] += v;
-        take(v, int32_t(p), m[j], ix[j]);
+        if constexpr (MAX) take(v, int32_t(p), m[j], ix[j]);
       }
     }
     for (int64_t j = 0; j < nc; ++j) {
       const int64_t q = n * G.C + c0 + j;
       k.r0[q] = s[j] / A(G.P);
-      k.r1[q] = m[j];
-      k.ri[q] = ix[j];
+      if constexpr (MAX) {
+        k.r1[q] = m[j];
+        k.ri[q] = ix[j];
+      }
     }
   }
 }
 
 // ------------------------------------------------------------------ pass 2: channel pooling
 // Per (n, g, p): avg = sum_{c in g} a_c x / size_g; max over all c of (g(c) == g ? a_c x : 0),
-// first argmax. Groups with no channels give zeros. r0 = avg, r1 = max, ri = arg.
+// first argmax (G = 1: over all channels, no zeros). Groups with no channels give zeros.
+// r0 = avg, r1 = max, ri = arg.
 
 // A tile is np pixels [p0, p0 + np) of sample n, one accumulator per pixel, reduced over the
 // channels in order: contiguous tiles are up to kPixelBlock pixels (rows of a channel are
@@ -239,12 +248,16 @@ FA_INLINE Tile tile_of(const Geom& G, int64_t t) {
 }
 
 // The first channel of each group of sample n: where a masked-out 0 first enters the other
-// group's max (later zeros never beat it).
+// group's max (later zeros never beat it). None (-1) without group flags.
 FA_INLINE void first_channels(const uint8_t* g, int64_t C, int64_t first[2]) {
   first[0] = first[1] = -1;
+  if (!g) return;
   for (int64_t c = 0; c < C && (first[0] < 0 || first[1] < 0); ++c)
     if (first[g[c]] < 0) first[g[c]] = c;
 }
+
+// The group of channel c of a sample's flags (0 without flags).
+FA_INLINE int group_of(const uint8_t* g, int64_t c) { return g ? g[c] : 0; }
 
 // One channel of a tile into its group's sums and maxima (x at stride `step` along pixels).
 template <typename T, typename A>
@@ -266,15 +279,15 @@ FA_INLINE void pool_channels_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     const Tile tl = tile_of<CL>(G, t);
     const int64_t np = CL ? kLanes : tl.np;  // full channels-last tiles: a constant width
-    const uint8_t* g = k.group + tl.n * G.C;
+    const uint8_t* g = k.group ? k.group + tl.n * G.C : nullptr;
     const A* a = k.a + tl.n * G.C;
     int64_t first[2];
     first_channels(g, G.C, first);
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < k.groups; ++h)
       for (int64_t j = 0; j < tile_pixels<CL>(); ++j) { s[h][j] = 0; m[h][j] = -INFINITY; ix[h][j] = 0; }
     const T* x = k.x + tl.n * G.sN + tl.p0 * G.sP;
     for (int64_t c = 0; c < G.C; ++c) {
-      const int h = g[c];
+      const int h = group_of(g, c);
       if (CL && tl.np == kLanes)
         pool_step(x + c, G.C, a[c], int32_t(c), kLanes, s[h], m[h], ix[h]);
       else
@@ -282,8 +295,8 @@ FA_INLINE void pool_channels_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
       if (c == first[h])
         for (int64_t j = 0; j < np; ++j) take(A(0), int32_t(c), m[1 - h][j], ix[1 - h][j]);
     }
-    for (int h = 0; h < 2; ++h) {
-      const int64_t o = (tl.n * 2 + h) * G.P + tl.p0;
+    for (int h = 0; h < k.groups; ++h) {
+      const int64_t o = (tl.n * k.groups + h) * G.P + tl.p0;
       for (int64_t j = 0; j < tl.np; ++j) {
         k.r0[o + j] = s[h][j] * k.inv[h];
         k.r1[o + j] = k.empty[h] ? A(0) : m[h][j];
@@ -294,30 +307,42 @@ FA_INLINE void pool_channels_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
 }
 
 // ------------------------------------------------------------------------- pass 3: the gate
-// y = s[n, g(c), p] a_c x.
+// y = s[n, g(c), p] a_c x (HAS_S), y = a_c x (no spatial factor).
 
-template <typename T>
+template <typename T, bool HAS_S>
 FA_INLINE void gate_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
   using A = acc_t<T>;
   const Geom& G = k.G;
   if (!is_cl(G)) {  // contiguous: row (n, c)
     for (int64_t r = t0; r < t1; ++r) {
-      const int64_t n = r / G.C;
-      const A* __restrict__ s = map_of(k.s, n, k.group[r], G.P);
       const T* __restrict__ x = k.x + r * G.P;
       T* __restrict__ y = k.out + r * G.P;
       const A ac = k.a[r];
-      for (int64_t p = 0; p < G.P; ++p) y[p] = T(s[p] * ac * A(x[p]));
+      if constexpr (HAS_S) {
+        const A* __restrict__ s = map_of(k.s, r / G.C, group_of(k.group, r), k.groups, G.P);
+        for (int64_t p = 0; p < G.P; ++p) y[p] = T(s[p] * ac * A(x[p]));
+      } else {
+        for (int64_t p = 0; p < G.P; ++p) y[p] = T(ac * A(x[p]));
+      }
     }
   } else {  // channels-last: row (n, p)
     for (int64_t r = t0; r < t1; ++r) {
       const int64_t n = r / G.P, p = r % G.P;
-      const A s0 = map_of(k.s, n, 0, G.P)[p], s1 = map_of(k.s, n, 1, G.P)[p];
-      const uint8_t* __restrict__ g = k.group + n * G.C;
       const A* __restrict__ a = k.a + n * G.C;
       const T* __restrict__ x = k.x + r * G.C;
       T* __restrict__ y = k.out + r * G.C;
-      for (int64_t c = 0; c < G.C; ++c) y[c] = T((g[c] ? s1 : s0) * a[c] * A(x[c]));
+      if constexpr (HAS_S) {
+        const A s0 = map_of(k.s, n, 0, k.groups, G.P)[p];
+        if (k.group) {
+          const A s1 = map_of(k.s, n, 1, k.groups, G.P)[p];
+          const uint8_t* __restrict__ g = k.group + n * G.C;
+          for (int64_t c = 0; c < G.C; ++c) y[c] = T((g[c] ? s1 : s0) * a[c] * A(x[c]));
+        } else {
+          for (int64_t c = 0; c < G.C; ++c) y[c] = T(s0 * a[c] * A(x[c]));
+        }
+      } else {
+        for (int64_t c = 0; c < G.C; ++c) y[c] = T(a[c] * A(x[c]));
+      }
     }
   }
 }
@@ -338,9 +363,9 @@ FA_INLINE void gate_grad_s_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
   alignas(64) A acc[2][kPixelBlock];
   for (int64_t t = t0; t < t1; ++t) {
     const Tile tl = tile_of<CL>(G, t);
-    const uint8_t* g = k.group + tl.n * G.C;
+    const uint8_t* g = k.group ? k.group + tl.n * G.C : nullptr;
     const A* a = k.a + tl.n * G.C;
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < k.groups; ++h)
       for (int64_t j = 0; j < tile_pixels<CL>(); ++j) acc[h][j] = 0;
     const int64_t o = tl.n * G.sN + tl.p0 * G.sP;
     if (CL) {  // a pixel's channels are contiguous: one vectorised reduction per pixel
@@ -348,11 +373,16 @@ FA_INLINE void gate_grad_s_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
         const T* __restrict__ x = k.x + o + j * G.C;
         const T* __restrict__ dy = k.dy + o + j * G.C;
         A s0 = 0, s1 = 0;
+        if (g) {
 #pragma omp simd reduction(+ : s0, s1)
-        for (int64_t c = 0; c < G.C; ++c) {
-          const A v = A(dy[c]) * a[c] * A(x[c]);
-          s0 += g[c] ? A(0) : v;
-          s1 += g[c] ? v : A(0);
+          for (int64_t c = 0; c < G.C; ++c) {
+            const A v = A(dy[c]) * a[c] * A(x[c]);
+            s0 += g[c] ? A(0) : v;
+            s1 += g[c] ? v : A(0);
+          }
+        } else {
+#pragma omp simd reduction(+ : s0)
+          for (int64_t c = 0; c < G.C; ++c) s0 += A(dy[c]) * a[c] * A(x[c]);
         }
         acc[0][j] = s0;
         acc[1][j] = s1;
@@ -360,45 +390,74 @@ FA_INLINE void gate_grad_s_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
     } else {
       for (int64_t c = 0; c < G.C; ++c) {
         const int64_t oc = o + c * G.sC;
-        gate_grad_step(k.x + oc, k.dy + oc, int64_t(1), a[c], tl.np, acc[g[c]]);
+        gate_grad_step(k.x + oc, k.dy + oc, int64_t(1), a[c], tl.np, acc[group_of(g, c)]);
       }
     }
-    for (int h = 0; h < 2; ++h)
-      for (int64_t j = 0; j < tl.np; ++j) k.r0[(tl.n * 2 + h) * G.P + tl.p0 + j] = acc[h][j];
+    for (int h = 0; h < k.groups; ++h)
+      for (int64_t j = 0; j < tl.np; ++j) k.r0[(tl.n * k.groups + h) * G.P + tl.p0 + j] = acc[h][j];
   }
 }
 
-// da[n, c] = sum_p x (dy s_{g(c)} + d_avg_{g(c)} / size + [argmax_{g(c)} == c] d_max_{g(c)}):
-// the gate's and the channel pooling's gradient with respect to a. r0 = da.
+// The spatial maps of both groups at one pixel of sample n (channels-last loops): the gate, the
+// scaled d_avg, d_max and argmax; group 1's copy is group 0's when G = 1.
+template <typename A>
+struct PixelMaps {
+  A s[2], v[2], m[2];
+  int32_t i[2];
 
-template <typename T>
+  template <typename T>
+  FA_INLINE PixelMaps(const Pass<T>& k, int64_t n, int64_t p) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t o = (n * k.groups + (h < k.groups ? h : 0)) * k.G.P + p;
+      s[h] = k.s[o];
+      v[h] = k.d_avg[o] * k.inv[h < k.groups ? h : 0];
+      m[h] = k.d_max[o];
+      i[h] = k.argmax[o];
+    }
+  }
+  // The pooling gradient of channel c of group h.
+  FA_INLINE A pool(uint8_t h, int32_t c) const { return pool_grad(h ? v[1] : v[0], h ? i[1] : i[0], h ? m[1] : m[0], c); }
+  FA_INLINE A gate(uint8_t h) const { return h ? s[1] : s[0]; }
+};
+
+// da[n, c] = sum_p x (dy s_{g(c)} + d_avg_{g(c)} / size + [argmax_{g(c)} == c] d_max_{g(c)}):
+// the gate's and the channel pooling's gradient with respect to a (MAPS); sum_p x dy without
+// the spatial maps. r0 = da.
+
+template <typename T, bool MAPS>
 FA_INLINE void grad_a_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // contiguous
   using A = acc_t<T>;
   const Geom& G = k.G;
   for (int64_t r = t0; r < t1; ++r) {
     const int64_t n = r / G.C;
     const int32_t c = int32_t(r % G.C);
-    const int h = k.group[r];
-    const A* __restrict__ s = map_of(k.s, n, h, G.P);
-    const A* __restrict__ dav = map_of(k.d_avg, n, h, G.P);
-    const A* __restrict__ dmx = map_of(k.d_max, n, h, G.P);
-    const int32_t* __restrict__ arg = k.argmax + (n * 2 + h) * G.P;
+    const int h = group_of(k.group, r);
     const T* __restrict__ x = k.x + r * G.P;
     const T* __restrict__ dy = k.dy + r * G.P;
-    const A inv = k.inv[h];
     alignas(64) A acc[kLanes] = {};
-    auto step = [&](int64_t p, int l) FA_INLINE_LAMBDA {
-      acc[l] += A(x[p]) * (A(dy[p]) * s[p] + pool_grad(dav[p] * inv, arg[p], dmx[p], c));
+    auto run = [&](auto&& step) FA_INLINE_LAMBDA {
+      int64_t p = 0;
+      for (; p + kLanes <= G.P; p += kLanes)
+        for (int l = 0; l < kLanes; ++l) step(p + l, l);
+      for (int l = 0; p + l < G.P; ++l) step(p + l, l);
     };
-    int64_t p = 0;
-    for (; p + kLanes <= G.P; p += kLanes)
-      for (int l = 0; l < kLanes; ++l) step(p + l, l);
-    for (int l = 0; p + l < G.P; ++l) step(p + l, l);
+    if constexpr (MAPS) {
+      const A* __restrict__ s = map_of(k.s, n, h, k.groups, G.P);
+      const A* __restrict__ dav = map_of(k.d_avg, n, h, k.groups, G.P);
+      const A* __restrict__ dmx = map_of(k.d_max, n, h, k.groups, G.P);
+      const int32_t* __restrict__ arg = map_of(k.argmax, n, h, k.groups, G.P);
+      const A inv = k.inv[h];
+      run([&](int64_t p, int l) FA_INLINE_LAMBDA {
+        acc[l] += A(x[p]) * (A(dy[p]) * s[p] + pool_grad(dav[p] * inv, arg[p], dmx[p], c));
+      });
+    } else {
+      run([&](int64_t p, int l) FA_INLINE_LAMBDA { acc[l] += A(x[p]) * A(dy[p]); });
+    }
     k.r0[r] = tree_sum(acc);
   }
 }
 
-template <typename T>
+template <typename T, bool MAPS>
 FA_INLINE void grad_a_blocks(const Pass<T>& k, int64_t t0, int64_t t1) {  // channels-last
   using A = acc_t<T>;
   const Geom& G = k.G;
@@ -407,30 +466,34 @@ FA_INLINE void grad_a_blocks(const Pass<T>& k, int64_t t0, int64_t t1) {  // cha
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock;
     const int64_t nc = std::min(kChannelBlock, G.C - c0);
-    const uint8_t* __restrict__ g = k.group + n * G.C + c0;
     for (int64_t j = 0; j < nc; ++j) acc[j] = 0;
     for (int64_t p = 0; p < G.P; ++p) {
-      const int64_t o0 = (n * 2) * G.P + p, o1 = o0 + G.P;
-      const A s0 = k.s[o0], s1 = k.s[o1];
-      const A v0 = k.d_avg[o0] * k.inv[0], v1 = k.d_avg[o1] * k.inv[1];
-      const A m0 = k.d_max[o0], m1 = k.d_max[o1];
-      const int32_t a0 = k.argmax[o0], a1 = k.argmax[o1];
       const T* __restrict__ x = k.x + n * G.sN + p * G.C + c0;
       const T* __restrict__ dy = k.dy + n * G.sN + p * G.C + c0;
-      for (int64_t j = 0; j < nc; ++j) {
-        const uint8_t h = g[j];
-        const int32_t c = int32_t(c0 + j);
-        const A pg = pool_grad(h ? v1 : v0, h ? a1 : a0, h ? m1 : m0, c);
-        acc[j] += A(x[j]) * (A(dy[j]) * (h ? s1 : s0) + pg);
+      if constexpr (MAPS) {
+        const PixelMaps<A> pm(k, n, p);
+        if (k.group) {
+          const uint8_t* __restrict__ g = k.group + n * G.C + c0;
+          for (int64_t j = 0; j < nc; ++j) {
+            const uint8_t h = g[j];
+            acc[j] += A(x[j]) * (A(dy[j]) * pm.gate(h) + pm.pool(h, int32_t(c0 + j)));
+          }
+        } else {
+          for (int64_t j = 0; j < nc; ++j)
+            acc[j] += A(x[j]) * (A(dy[j]) * pm.s[0] + pm.pool(0, int32_t(c0 + j)));
+        }
+      } else {
+        for (int64_t j = 0; j < nc; ++j) acc[j] += A(x[j]) * A(dy[j]);
       }
     }
     for (int64_t j = 0; j < nc; ++j) k.r0[n * G.C + c0 + j] = acc[j];
   }
 }
 
-// dx = dy s a + a (d_avg / size + [argmax_g == c] d_max) + d_mean_c / P + [p == argmax_c] d_max_c.
+// dx = dy s a + a (d_avg / size + [argmax_g == c] d_max) + d_mean_c / P + [p == argmax_c] d_max_c
+// (without the maps the first two terms are dy a; without the pixel max the last is 0).
 
-template <typename T>
+template <typename T, bool MAPS>
 FA_INLINE void grad_x_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
   using A = acc_t<T>;
   const Geom& G = k.G;
@@ -439,43 +502,60 @@ FA_INLINE void grad_x_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
     for (int64_t r = t0; r < t1; ++r) {
       const int64_t n = r / G.C;
       const int32_t c = int32_t(r % G.C);
-      const int h = k.group[r];
-      const A* __restrict__ s = map_of(k.s, n, h, G.P);
-      const A* __restrict__ dav = map_of(k.d_avg, n, h, G.P);
-      const A* __restrict__ dmx = map_of(k.d_max, n, h, G.P);
-      const int32_t* __restrict__ arg = k.argmax + (n * 2 + h) * G.P;
+      const int h = group_of(k.group, r);
       const T* __restrict__ dy = k.dy + r * G.P;
       T* __restrict__ dx = k.out + r * G.P;
-      const A ac = k.a[r], inv = k.inv[h], base = k.d_mean_c[r] * invP;
-      auto value = [&](int64_t p) FA_INLINE_LAMBDA {
-        return A(dy[p]) * s[p] * ac + ac * pool_grad(dav[p] * inv, arg[p], dmx[p], c) + base;
+      const A ac = k.a[r], base = k.d_mean_c[r] * invP;
+      auto rows = [&](auto&& value) FA_INLINE_LAMBDA {
+        for (int64_t p = 0; p < G.P; ++p) dx[p] = T(value(p));
+        if (k.argmax_c) {  // the pixel max's gradient: one element per row
+          const int64_t pm = k.argmax_c[r];
+          if (pm >= 0 && pm < G.P) dx[pm] = T(value(pm) + k.d_max_c[r]);
+        }
       };
-      for (int64_t p = 0; p < G.P; ++p) dx[p] = T(value(p));
-      const int64_t pm = k.argmax_c[r];  // the pixel max's gradient: one element per row
-      if (pm >= 0 && pm < G.P) dx[pm] = T(value(pm) + k.d_max_c[r]);
+      if constexpr (MAPS) {
+        const A* __restrict__ s = map_of(k.s, n, h, k.groups, G.P);
+        const A* __restrict__ dav = map_of(k.d_avg, n, h, k.groups, G.P);
+        const A* __restrict__ dmx = map_of(k.d_max, n, h, k.groups, G.P);
+        const int32_t* __restrict__ arg = map_of(k.argmax, n, h, k.groups, G.P);
+        const A inv = k.inv[h];
+        rows([&](int64_t p) FA_INLINE_LAMBDA {
+          return A(dy[p]) * s[p] * ac + ac * pool_grad(dav[p] * inv, arg[p], dmx[p], c) + base;
+        });
+      } else {
+        rows([&](int64_t p) FA_INLINE_LAMBDA { return A(dy[p]) * ac + base; });
+      }
     }
   } else {  // channels-last: row (n, p)
     for (int64_t r = t0; r < t1; ++r) {
       const int64_t n = r / G.P;
       const int32_t p = int32_t(r % G.P);
-      const int64_t o0 = (n * 2) * G.P + p, o1 = o0 + G.P;
-      const A s0 = k.s[o0], s1 = k.s[o1];
-      const A v0 = k.d_avg[o0] * k.inv[0], v1 = k.d_avg[o1] * k.inv[1];
-      const A m0 = k.d_max[o0], m1 = k.d_max[o1];
-      const int32_t a0 = k.argmax[o0], a1 = k.argmax[o1];
-      const uint8_t* __restrict__ g = k.group + n * G.C;
+      const uint8_t* __restrict__ g = k.group ? k.group + n * G.C : nullptr;
       const A* __restrict__ a = k.a + n * G.C;
       const A* __restrict__ dmc = k.d_mean_c + n * G.C;
-      const A* __restrict__ dxc = k.d_max_c + n * G.C;
-      const int32_t* __restrict__ axc = k.argmax_c + n * G.C;
       const T* __restrict__ dy = k.dy + r * G.C;
       T* __restrict__ dx = k.out + r * G.C;
-      for (int64_t c = 0; c < G.C; ++c) {
-        const uint8_t h = g[c];
-        const A ac = a[c];
-        const A pg = pool_grad(h ? v1 : v0, h ? a1 : a0, h ? m1 : m0, int32_t(c));
-        const A v = A(dy[c]) * (h ? s1 : s0) * ac + ac * pg + dmc[c] * invP;
-        dx[c] = T(axc[c] == p ? v + dxc[c] : v);
+      auto cols = [&](auto&& value) FA_INLINE_LAMBDA {
+        if (k.argmax_c) {
+          const A* __restrict__ dxc = k.d_max_c + n * G.C;
+          const int32_t* __restrict__ axc = k.argmax_c + n * G.C;
+          for (int64_t c = 0; c < G.C; ++c) {
+            const A v = value(c);
+            dx[c] = T(axc[c] == p ? v + dxc[c] : v);
+          }
+        } else {
+          for (int64_t c = 0; c < G.C; ++c) dx[c] = T(value(c));
+        }
+      };
+      if constexpr (MAPS) {
+        const PixelMaps<A> pm(k, n, p);
+        cols([&](int64_t c) FA_INLINE_LAMBDA {
+          const uint8_t h = g ? g[c] : 0;
+          const A ac = a[c];
+          return A(dy[c]) * pm.gate(h) * ac + ac * pm.pool(h, int32_t(c)) + dmc[c] * invP;
+        });
+      } else {
+        cols([&](int64_t c) FA_INLINE_LAMBDA { return A(dy[c]) * a[c] + dmc[c] * invP; });
       }
     }
   }
@@ -485,16 +565,20 @@ FA_INLINE void grad_x_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
 
 template <typename T>
 FA_INLINE void run_impl(Op op, const Pass<T>& k, int64_t t0, int64_t t1) {
-  const bool cl = is_cl(k.G);
+  const bool cl = is_cl(k.G), maps = k.s != nullptr;
   switch (op) {
-    case Op::kPoolPixels: return cl ? pool_pixels_blocks(k, t0, t1) : pool_pixels_rows(k, t0, t1);
+    case Op::kPoolPixels:
+      if (k.with_max) return cl ? pool_pixels_blocks<T, true>(k, t0, t1) : pool_pixels_rows<T, true>(k, t0, t1);
+      return cl ? pool_pixels_blocks<T, false>(k, t0, t1) : pool_pixels_rows<T, false>(k, t0, t1);
     case Op::kPoolChannels:
       return cl ? pool_channels_tiles<T, true>(k, t0, t1) : pool_channels_tiles<T, false>(k, t0, t1);
-    case Op::kGate: return gate_rows(k, t0, t1);
+    case Op::kGate: return maps ? gate_rows<T, true>(k, t0, t1) : gate_rows<T, false>(k, t0, t1);
     case Op::kGateGradS:
       return cl ? gate_grad_s_tiles<T, true>(k, t0, t1) : gate_grad_s_tiles<T, false>(k, t0, t1);
-    case Op::kGradA: return cl ? grad_a_blocks(k, t0, t1) : grad_a_rows(k, t0, t1);
-    case Op::kGradX: return grad_x_rows(k, t0, t1);
+    case Op::kGradA:
+      if (maps) return cl ? grad_a_blocks<T, true>(k, t0, t1) : grad_a_rows<T, true>(k, t0, t1);
+      return cl ? grad_a_blocks<T, false>(k, t0, t1) : grad_a_rows<T, false>(k, t0, t1);
+    case Op::kGradX: return maps ? grad_x_rows<T, true>(k, t0, t1) : grad_x_rows<T, false>(k, t0, t1);
   }
 }
 
@@ -551,49 +635,60 @@ void set_sizes(Pass<T>& k, int64_t size0, int64_t size1) {
 
 // ------------------------------------------------------------------------------- host ops
 
-// The (N, C) group flags as bytes (bool is one byte holding 0 or 1).
-const uint8_t* group_bytes(const at::Tensor& group) {
-  return reinterpret_cast<const uint8_t*>(group.const_data_ptr<bool>());
+// The (N, C) group flags as bytes (bool is one byte holding 0 or 1); null without flags.
+const uint8_t* group_bytes(const std::optional<at::Tensor>& group) {
+  return group ? reinterpret_cast<const uint8_t*>(group->const_data_ptr<bool>()) : nullptr;
+}
+
+template <typename A>
+const A* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->const_data_ptr<A>() : nullptr;
 }
 
 #define FA_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x) {
-  check_ham_x(x, "ham_pool_pixels");
+using OptT = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels(const at::Tensor& x, bool with_max) {
+  check_x(x, "pool_pixels");
   const Geom G = geom(x);
   const auto opts = x.options().dtype(acc_dtype(x));
-  at::Tensor mean = at::empty({G.N, G.C}, opts), mx = at::empty({G.N, G.C}, opts);
-  at::Tensor arg = at::empty({G.N, G.C}, x.options().dtype(at::kInt));
+  const auto iopts = x.options().dtype(at::kInt);
+  at::Tensor mean = at::empty({G.N, G.C}, opts);  // without the max: empty max and argmax
+  at::Tensor mx = with_max ? at::empty({G.N, G.C}, opts) : at::empty({0}, opts);
+  at::Tensor arg = with_max ? at::empty({G.N, G.C}, iopts) : at::empty({0}, iopts);
   if (x.numel() == 0) return {mean.zero_(), mx.zero_(), arg.zero_()};
-  FA_DISPATCH(x, "ham_pool_pixels", [&] {
+  FA_DISPATCH(x, "pool_pixels", [&] {
     using A = acc_t<scalar_t>;
     Pass<scalar_t> k;
     k.G = G;
     k.x = x.const_data_ptr<scalar_t>();
+    k.with_max = with_max;
     k.r0 = mean.mutable_data_ptr<A>();
-    k.r1 = mx.mutable_data_ptr<A>();
-    k.ri = arg.mutable_data_ptr<int32_t>();
+    k.r1 = with_max ? mx.mutable_data_ptr<A>() : nullptr;
+    k.ri = with_max ? arg.mutable_data_ptr<int32_t>() : nullptr;
     launch(Op::kPoolPixels, k);
   });
   return {mean, mx, arg};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x, const at::Tensor& a,
-                                                             const at::Tensor& group,
-                                                             int64_t size0, int64_t size1) {
-  check_ham_x(x, "ham_pool_channels");
+                                                             const OptT& group, int64_t size0,
+                                                             int64_t size1) {
+  check_x(x, "pool_channels");
   const Geom G = geom(x);
-  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_pool_channels: a");
-  check_small(group, x, {G.N, G.C}, at::kBool, "ham_pool_channels: group");
+  const int64_t ng = groups(x, group, size0, size1, "pool_channels: group");
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "pool_channels: a");
   const auto opts = x.options().dtype(acc_dtype(x));
-  at::Tensor avg = at::empty({G.N, 2, G.P}, opts), mx = at::empty({G.N, 2, G.P}, opts);
-  at::Tensor arg = at::empty({G.N, 2, G.P}, x.options().dtype(at::kInt));
+  at::Tensor avg = at::empty({G.N, ng, G.P}, opts), mx = at::empty({G.N, ng, G.P}, opts);
+  at::Tensor arg = at::empty({G.N, ng, G.P}, x.options().dtype(at::kInt));
   if (x.numel() == 0) return {avg.zero_(), mx.zero_(), arg.zero_()};
-  FA_DISPATCH(x, "ham_pool_channels", [&] {
+  FA_DISPATCH(x, "pool_channels", [&] {
     using A = acc_t<scalar_t>;
     Pass<scalar_t> k;
     k.G = G;
+    k.groups = int(ng);
     k.x = x.const_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
     k.group = group_bytes(group);
@@ -606,22 +701,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels(const at::Tensor& x
   return {avg, mx, arg};
 }
 
-at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s, const at::Tensor& group) {
-  check_ham_x(x, "ham_gate");
+at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const OptT& s, const OptT& group) {
+  check_x(x, "gate");
   const Geom G = geom(x);
-  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_gate: a");
-  check_small(s, x, {G.N, 2, G.P}, acc_dtype(x), "ham_gate: s");
-  check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate: group");
+  const int64_t ng = groups(x, group, "gate: group");
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "gate: a");
+  if (s) check_small(*s, x, {G.N, ng, G.P}, acc_dtype(x), "gate: s");
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
-  FA_DISPATCH(x, "ham_gate", [&] {
+  FA_DISPATCH(x, "gate", [&] {
     using A = acc_t<scalar_t>;
     Pass<scalar_t> k;
     k.G = G;
+    k.groups = int(ng);
     k.x = x.const_data_ptr<scalar_t>();
     k.out = y.mutable_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
-    k.s = s.const_data_ptr<A>();
+    k.s = ptr_or_null<A>(s);
     k.group = group_bytes(group);
     launch(Op::kGate, k);
   });
@@ -629,18 +725,19 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s, c
 }
 
 at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a,
-                       const at::Tensor& group) {
-  check_ham_x(x, "ham_gate_grad_s");
+                       const OptT& group) {
+  check_x(x, "gate_grad_s");
   const Geom G = geom(x);
-  check_like_x(dy, x, "ham_gate_grad_s");
-  check_small(a, x, {G.N, G.C}, acc_dtype(x), "ham_gate_grad_s: a");
-  check_small(group, x, {G.N, G.C}, at::kBool, "ham_gate_grad_s: group");
-  at::Tensor ds = at::empty({G.N, 2, G.P}, x.options().dtype(acc_dtype(x)));
+  check_like_x(dy, x, "gate_grad_s");
+  const int64_t ng = groups(x, group, "gate_grad_s: group");
+  check_small(a, x, {G.N, G.C}, acc_dtype(x), "gate_grad_s: a");
+  at::Tensor ds = at::empty({G.N, ng, G.P}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return ds.zero_();
-  FA_DISPATCH(x, "ham_gate_grad_s", [&] {
+  FA_DISPATCH(x, "gate_grad_s", [&] {
     using A = acc_t<scalar_t>;
     Pass<scalar_t> k;
     k.G = G;
+    k.groups = int(ng);
     k.x = x.const_data_ptr<scalar_t>();
     k.dy = dy.const_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
@@ -651,69 +748,69 @@ at::Tensor gate_grad_s(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   return ds;
 }
 
-// The (n, g, p) maps of the backward: d_avg, d_max and the group's argmax.
+// The (n, g, p) maps of the backward (s, d_avg, d_max, argmax), when given.
 template <typename T>
-void set_pool_grads(Pass<T>& k, const at::Tensor& d_avg, const at::Tensor& d_max,
-                    const at::Tensor& argmax, int64_t size0, int64_t size1) {
+void set_maps(Pass<T>& k, const OptT& s, const OptT& d_avg, const OptT& d_max, const OptT& argmax,
+              int64_t size0, int64_t size1) {
   using A = acc_t<T>;
-  k.d_avg = d_avg.const_data_ptr<A>();
-  k.d_max = d_max.const_data_ptr<A>();
-  k.argmax = argmax.const_data_ptr<int32_t>();
+  k.s = ptr_or_null<A>(s);
+  k.d_avg = ptr_or_null<A>(d_avg);
+  k.d_max = ptr_or_null<A>(d_max);
+  k.argmax = ptr_or_null<int32_t>(argmax);
   set_sizes(k, size0, size1);
 }
 
-at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& s,
-                  const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
-                  const at::Tensor& argmax, int64_t size0, int64_t size1) {
-  check_ham_x(x, "ham_grad_a");
+at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dy, const OptT& s, const OptT& group,
+                  const OptT& d_avg, const OptT& d_max, const OptT& argmax, int64_t size0,
+                  int64_t size1) {
+  check_x(x, "grad_a");
   const Geom G = geom(x);
-  check_like_x(dy, x, "ham_grad_a");
-  check_small(s, x, {G.N, 2, G.P}, acc_dtype(x), "ham_grad_a: s");
-  check_pool_grads(x, group, d_avg, d_max, argmax, "ham_grad_a");
+  check_like_x(dy, x, "grad_a");
+  const int64_t ng = groups(x, group, size0, size1, "grad_a: group");
+  check_maps(x, ng, s, d_avg, d_max, argmax, "grad_a");
   at::Tensor da = at::empty({G.N, G.C}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return da.zero_();
-  FA_DISPATCH(x, "ham_grad_a", [&] {
+  FA_DISPATCH(x, "grad_a", [&] {
     using A = acc_t<scalar_t>;
     Pass<scalar_t> k;
     k.G = G;
+    k.groups = int(ng);
     k.x = x.const_data_ptr<scalar_t>();
     k.dy = dy.const_data_ptr<scalar_t>();
-    k.s = s.const_data_ptr<A>();
     k.group = group_bytes(group);
-    set_pool_grads(k, d_avg, d_max, argmax, size0, size1);
+    set_maps(k, s, d_avg, d_max, argmax, size0, size1);
     k.r0 = da.mutable_data_ptr<A>();
     launch(Op::kGradA, k);
   });
   return da;
 }
 
-at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s,
-                  const at::Tensor& group, const at::Tensor& d_avg, const at::Tensor& d_max,
-                  const at::Tensor& argmax, int64_t size0, int64_t size1,
-                  const at::Tensor& d_mean_c, const at::Tensor& d_max_c, const at::Tensor& argmax_c) {
-  check_ham_x(dy, "ham_grad_x");
+at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const OptT& s, const OptT& group,
+                  const OptT& d_avg, const OptT& d_max, const OptT& argmax, int64_t size0,
+                  int64_t size1, const at::Tensor& d_mean_c, const OptT& d_max_c,
+                  const OptT& argmax_c) {
+  check_x(dy, "grad_x");
   const Geom G = geom(dy);
-  check_small(a, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: a");
-  check_small(s, dy, {G.N, 2, G.P}, acc_dtype(dy), "ham_grad_x: s");
-  check_pool_grads(dy, group, d_avg, d_max, argmax, "ham_grad_x");
-  check_small(d_mean_c, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: d_mean_c");
-  check_small(d_max_c, dy, {G.N, G.C}, acc_dtype(dy), "ham_grad_x: d_max_c");
-  check_small(argmax_c, dy, {G.N, G.C}, at::kInt, "ham_grad_x: argmax_c");
+  const int64_t ng = groups(dy, group, size0, size1, "grad_x: group");
+  check_small(a, dy, {G.N, G.C}, acc_dtype(dy), "grad_x: a");
+  check_maps(dy, ng, s, d_avg, d_max, argmax, "grad_x");
+  check_small(d_mean_c, dy, {G.N, G.C}, acc_dtype(dy), "grad_x: d_mean_c");
+  check_pixel_max(dy, d_max_c, argmax_c, "grad_x");
   at::Tensor dx = at::empty_like(dy);
   if (dy.numel() == 0) return dx;
-  FA_DISPATCH(dy, "ham_grad_x", [&] {
+  FA_DISPATCH(dy, "grad_x", [&] {
     using A = acc_t<scalar_t>;
     Pass<scalar_t> k;
     k.G = G;
+    k.groups = int(ng);
     k.dy = dy.const_data_ptr<scalar_t>();
     k.out = dx.mutable_data_ptr<scalar_t>();
     k.a = a.const_data_ptr<A>();
-    k.s = s.const_data_ptr<A>();
     k.group = group_bytes(group);
-    set_pool_grads(k, d_avg, d_max, argmax, size0, size1);
+    set_maps(k, s, d_avg, d_max, argmax, size0, size1);
     k.d_mean_c = d_mean_c.const_data_ptr<A>();
-    k.d_max_c = d_max_c.const_data_ptr<A>();
-    k.argmax_c = argmax_c.const_data_ptr<int32_t>();
+    k.d_max_c = ptr_or_null<A>(d_max_c);
+    k.argmax_c = ptr_or_null<int32_t>(argmax_c);
     launch(Op::kGradX, k);
   });
   return dx;
@@ -722,12 +819,12 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
-  m.impl("ham_pool_pixels", &pool_pixels);
-  m.impl("ham_pool_channels", &pool_channels);
-  m.impl("ham_gate", &gate);
-  m.impl("ham_gate_grad_s", &gate_grad_s);
-  m.impl("ham_grad_a", &grad_a);
-  m.impl("ham_grad_x", &grad_x);
+  m.impl("pool_pixels", &pool_pixels);
+  m.impl("pool_channels", &pool_channels);
+  m.impl("gate", &gate);
+  m.impl("gate_grad_s", &gate_grad_s);
+  m.impl("grad_a", &grad_a);
+  m.impl("grad_x", &grad_x);
 }
 
 }  // namespace fusedattn
