@@ -1,17 +1,17 @@
 """fusedattn: fused GPU and CPU kernels for CNN attention modules.
 
-    from fusedattn import SimAM, simam
+    from fusedattn import SimAM, simam, HAM, SE, ECA, CBAM
     fusedattn.backends()            # which backends run here, and why the others do not
     with fusedattn.use_backend("triton"): ...
-    fusedattn.last_backend()        # which backend the last SimAM call used
+    fusedattn.last_backend("cbam")  # which backend the last CBAM call used
 
 Importing never fails because a backend is missing; asking for that backend does.
 """
-from . import reference
+from . import reference, registry
 from .dispatch import BackendUnavailable, backends, last_backend, use_backend
-from .modules import HAM, SimAM
+from .modules import CBAM, ECA, HAM, SE, SimAM
 from .ops import simam
 
-__all__ = ["SimAM", "simam", "HAM", "reference", "backends", "use_backend", "last_backend",
+__all__ = ["SimAM", "simam", "HAM", "SE", "ECA", "CBAM", "reference", "registry", "backends", "use_backend", "last_backend",
            "BackendUnavailable"]
 __version__ = "0.1.0"

@@ -1,17 +1,38 @@
 """Benchmark — the main job: fused vs eager vs torch.compile(eager) vs x.clone() (the floor).
 
-    python -m fusedattn.bench                  # SimAM and HAM on this machine's device
-    python -m fusedattn.bench --quick          # fewer repetitions, two shapes
+    python -m fusedattn.bench                  # every op of fusedattn.registry on this machine's device
+    python -m fusedattn.bench --ops se,cbam    # some of them
+    python -m fusedattn.bench --quick          # fewer rounds, two shapes, contiguous only
     python -m fusedattn.bench --device cuda --dtypes fp16,bf16,fp32
 
-Modes: forward (training forward: x requires grad), backward (autograd.grad through a retained
-graph) and forward+backward. Providers are timed interleaved, one call each per round; the
-table reports medians (CSV/JSON also p20 and p80). Memory: bytes autograd saves for backward
-(unique storages, via saved_tensors_hooks) and the peak memory one forward+backward adds (GPU:
-the caching allocator's peak; CPU: the peak resident set, measured in a child process whose large
-allocations are mmapped so that freed memory leaves it). On a GPU, GB/s counts the minimum traffic of the op
-(forward: read x, write y; backward: read x and dy, write dx) and is compared with the device's
-peak bandwidth. Results go to benchmarks/results/<op>_<device>.{csv,json,png}.
+Ops and providers come from ``fusedattn.registry.OPS``: eager is the module a user holds
+(``Op.baseline_module``: timm's SEModule / EcaModule / CbamModule where there is one, else our
+reference; for SimAM the function ``reference.simam``), compile is ``torch.compile(eager,
+dynamic=False)``, fused is the op's ``fusedattn`` module with the eager module's state_dict loaded
+(strict), clone is ``x.clone()``. Every float parameter and buffer of the eager module is first
+perturbed by a seeded uniform(-0.25, 0.25) (BatchNorm: random running statistics), so that the
+weights are not the trivial init and fused and eager compute the same thing.
+
+Modes: ``fwd`` (training forward: modules in train(), x requires grad), ``bwd`` (backward only,
+of forwards run untimed before), ``fwd+bwd``, and ``infer`` (inference forward: separate module
+instances in eval(), their own torch.compile, under torch.no_grad(), x not requiring grad).
+
+Timing: providers are timed interleaved, one sample (an average over enough back-to-back calls
+to last ~2 ms) of every provider and mode per round; the table reports medians (CSV/JSON also
+p20 and p80). The order of the providers changes from round to round: round r uses row r mod k
+(or mod 2k for an odd number k of providers) of a Williams Latin square, which starts at
+provider r mod k, so over each k rounds every provider is timed in every position once and right
+after every other provider once. A fixed order would make one provider always pay for the cache
+state and page faults left by the same predecessor's large allocations. The default --reps (16)
+is a multiple of that period for the 4 providers.
+
+Memory: bytes autograd saves for backward in the training forward (unique storages, via
+saved_tensors_hooks) and the peak memory one training forward+backward adds (GPU: the caching
+allocator's peak; CPU: the peak resident set, measured in a child process whose large
+allocations are mmapped so that freed memory leaves it); both on the fwd row. On a GPU, GB/s
+counts the minimum traffic of the op (forward and infer: read x, write y; backward: read x and
+dy, write dx) and is compared with the device's peak bandwidth.
+Results go to benchmarks/results/<op>_<device>[_<backend>].{csv,json,md,png}; progress to stderr.
 """
 from __future__ import annotations
 
@@ -28,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from fusedattn import registry
+
 SHAPES = {
     "rn50-s1": (8, 256, 56, 56),
     "rn50-s2": (8, 512, 28, 28),
@@ -40,8 +63,11 @@ SHAPES = {
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp64": torch.float64}
 PROVIDERS = ("eager", "compile", "fused", "clone")
-MODES = ("fwd", "bwd", "fwd+bwd")
-TRAFFIC = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # minimum full-size tensor passes per mode
+MODES = ("fwd", "bwd", "fwd+bwd", "infer")
+TRAIN_MODES = ("fwd", "bwd", "fwd+bwd")  # modules in train(), x requires grad
+TRAFFIC = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "infer": 2}  # minimum full-size tensor passes
+WEIGHT_SEED = 0
+WEIGHT_NOISE = 0.25
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -139,13 +165,13 @@ def saved_bytes(f, x) -> int:
     return sum(seen.values())
 
 
-def peaks_in_child(op, shape, dtype, channels_last, e_lambda) -> dict:
-    """CPU peak memory of one forward+backward per provider, measured in a child process whose
-    large allocations are all mmapped (glibc's MALLOC_MMAP_THRESHOLD_ fixed), so that freed
-    tensors leave the resident set. Timings stay in this process: mmapping every tensor adds
-    page faults that would distort them."""
+def peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend=None) -> dict:
+    """CPU peak memory of one training forward+backward per provider, measured in a child
+    process whose large allocations are all mmapped (glibc's MALLOC_MMAP_THRESHOLD_ fixed), so
+    that freed tensors leave the resident set. Timings stay in this process: mmapping every
+    tensor adds page faults that would distort them."""
     spec = json.dumps({"op": op, "shape": shape, "dtype": str(dtype).split(".")[-1],
-                       "channels_last": channels_last, "e_lambda": e_lambda})
+                       "channels_last": channels_last, "e_lambda": e_lambda, "backend": backend})
     env = {**os.environ, _MMAP_ENV: "65536"}
     r = subprocess.run([sys.executable, "-m", "fusedattn.bench", "--peak-child", spec],
                        capture_output=True, text=True, env=env)
@@ -163,36 +189,61 @@ def _peak_child(spec: str) -> int:
     x.requires_grad_()
     g = torch.randn_like(x)
     out = {}
-    for p, f in providers(c["op"], c["e_lambda"], x).items():
-        calls = mode_callables(f, x, g, with_grad=(p != "clone"))
-        out[p] = peak_added_bytes(calls.get("fwd+bwd", calls["fwd"]), x.device)
+    with _backend_ctx(c.get("backend")):
+        for p, f in providers(c["op"], c["e_lambda"], x, training=True).items():
+            calls = mode_callables(f, x, g, with_grad=(p != "clone"))
+            out[p] = peak_added_bytes(calls["fwd+bwd"] if "fwd+bwd" in calls else calls["fwd"],
+                                      x.device)
     print(json.dumps(out))
     return 0
 
 
-# ----------------------------------------------------------------------------- the op
+# ----------------------------------------------------------------------------- the providers
 
-OPS = ("simam", "ham")
+def perturb_weights(module: torch.nn.Module, seed: int = WEIGHT_SEED) -> torch.nn.Module:
+    """Adds a seeded uniform(-WEIGHT_NOISE, WEIGHT_NOISE) to every float parameter and buffer
+    (in named_parameters then named_buffers order), so that e.g. BatchNorm has random running
+    statistics (its running_var stays >= 0.75) and the weights are not the trivial init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point():
+                noise = torch.rand(t.shape, generator=gen, dtype=torch.float64)
+                t.add_(((2 * noise - 1) * WEIGHT_NOISE).to(t.device, t.dtype))
+    return module
 
 
-def providers(op: str, e_lambda: float, x: torch.Tensor):
-    """Callables y = f(x) per provider for ``op`` on tensors like x. HAM runs in training mode
-    (BatchNorm on batch statistics), eager, compiled and fused modules sharing one set of
-    weights."""
-    import fusedattn
-    from fusedattn import reference
-    torch._dynamo.reset()  # a fresh compiled function per shape: no dynamic-shape recompiles
-    if op == "simam":
-        eager = (lambda t: reference.simam(t, e_lambda))
-        fused = (lambda t: fusedattn.simam(t, e_lambda))
-    elif op == "ham":
-        eager = reference.HAM(x.shape[1]).to(x.device, x.dtype).train()
-        fused = fusedattn.HAM(x.shape[1]).to(x.device, x.dtype).train()
-        fused.load_state_dict(eager.state_dict())
-    else:
-        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+def _with_lambda(module, e_lambda):
+    if hasattr(module, "e_lambda"):  # SimAM's only hyperparameter
+        module.e_lambda = e_lambda
+    return module
+
+
+def providers(op: str, e_lambda: float, x: torch.Tensor, training: bool = True):
+    """Callables y = f(x) per provider for registry op ``op`` on tensors like x: the eager
+    module (train() or eval() per ``training``) with perturbed weights, its torch.compile, the
+    fused module with the same state_dict (strict) and x.clone(). Each call builds fresh module
+    instances (the same weights for the same op and shape) and a fresh torch.compile."""
+    import fusedattn.reference
+    entry = registry.get(op)
+    channels = x.shape[1]
+    model = _with_lambda(perturb_weights(entry.baseline_module(channels)), e_lambda)
+    model = model.to(x.device, x.dtype).train(training)
+    fused = _with_lambda(entry.fused_cls()(channels), e_lambda).to(x.device, x.dtype)
+    fused.load_state_dict(model.state_dict(), strict=True)
+    fused.train(training)
+    eager = model
+    if op == "simam":  # the functional form SimAM is usually written in
+        eager = (lambda t: fusedattn.reference.simam(t, e_lambda))
     return {"eager": eager, "compile": torch.compile(eager, dynamic=False), "fused": fused,
             "clone": (lambda t: t.clone())}
+
+
+def baseline_name(op: str, channels: int = 64) -> str:
+    if op == "simam":
+        return "fusedattn.reference.simam"
+    m = registry.get(op).baseline_module(channels)
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 class Backward:
@@ -211,6 +262,7 @@ class Backward:
 
 
 def mode_callables(f, x, g, with_grad: bool):
+    """The training-mode timing targets of provider ``f`` (x requires grad)."""
     calls = {"fwd": lambda: f(x)}
     if with_grad:
         calls["bwd"] = Backward(f, x, g)
@@ -218,15 +270,46 @@ def mode_callables(f, x, g, with_grad: bool):
     return calls
 
 
-def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw):
+def infer_callable(f, x):
+    """The inference timing target of provider ``f`` (an eval() instance): y = f(x) under
+    torch.no_grad() with x not requiring grad."""
+    xi = x.detach()
+
+    def infer():
+        with torch.no_grad():
+            return f(xi)
+    return infer
+
+
+def round_orders(k: int) -> list[list[int]]:
+    """A Williams Latin square on k providers, row r starting at provider r mod k: over its rows
+    every provider takes every position once and directly follows every other provider once
+    (k even; for odd k the k mirrored rows are added, again row r starting at r mod k)."""
+    base, lo, hi = [0], 1, k - 1
+    while len(base) < k:
+        base.append(lo)
+        lo += 1
+        if len(base) < k:
+            base.append(hi)
+            hi -= 1
+    rows = [[(r + b) % k for b in base] for r in range(k)]
+    if k % 2:
+        rows += [[(r - base[-1] + b) % k for b in base][::-1] for r in range(k)]
+    return rows
+
+
+def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw, backend=None):
     x = torch.randn(shape, dtype=dtype, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     g = torch.randn_like(x)
-    fns = providers(op, e_lambda, x)
-    calls = {p: mode_callables(f, x, g, with_grad=(p != "clone")) for p, f in fns.items()}
-    for p in PROVIDERS:  # warm-up (compiles torch.compile's forward and backward graphs)
+    torch._dynamo.reset()  # a fresh compiled function per shape: no dynamic-shape recompiles
+    fns = providers(op, e_lambda, x, training=True)
+    evals = providers(op, e_lambda, x, training=False)
+    calls = {p: {**mode_callables(f, x, g, with_grad=(p != "clone")),
+                 "infer": infer_callable(evals[p], x)} for p, f in fns.items()}
+    for p in PROVIDERS:  # warm-up (compiles torch.compile's forward, backward, inference graphs)
         t0 = time.perf_counter()
         for c in calls[p].values():
             time_call(c, device, 1)
@@ -238,20 +321,25 @@ def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw)
             cap = 8 if m == "bwd" else 100  # backward keeps `inner` graphs alive at once
             inner[p, m] = max(1, min(cap, int(2e-3 / max(est, 1e-7))))
     samples = {(p, m): [] for p in PROVIDERS for m in calls[p]}
-    for _ in range(reps):  # interleaved: one sample of every provider and mode per round
+    orders = round_orders(len(PROVIDERS))
+    for r in range(reps):  # interleaved: one sample of every provider and mode per round,
+        order = [PROVIDERS[i] for i in orders[r % len(orders)]]  # in a rotating order
         for m in MODES:
-            for p in PROVIDERS:
+            for p in order:
                 if m in calls[p]:
                     samples[p, m].append(time_call(calls[p][m], device, inner[p, m]))
     nbytes = x.numel() * x.element_size()
-    peaks = (peaks_in_child(op, shape, dtype, channels_last, e_lambda) if device.type == "cpu"
+    peaks = (peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend)
+             if device.type == "cpu"
              else {p: peak_added_bytes(calls[p].get("fwd+bwd", calls[p]["fwd"]), device)
                    for p in PROVIDERS})
     rows = []
     for p in PROVIDERS:
         mem_saved = saved_bytes(fns[p], x) if p != "clone" else 0
         peak = peaks.get(p)
-        for m in calls[p]:
+        for m in MODES:
+            if m not in calls[p]:
+                continue
             ts = sorted(samples[p, m])
             med = statistics.median(ts)
             q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4

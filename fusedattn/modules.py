@@ -1,13 +1,19 @@
 """nn.Modules over the fused ops (same constructors and state_dicts as ``fusedattn.reference``)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch, reference
 from .ops import simam
+from .ops import zoo as zoo_ops
+from .ops.ham import channel_conv
 from .ops.ham import ham as ham_op
 from .ops.simam import check_lambda
+from .ops.zoo import zoo as zoo_op
 
 
 class SimAM(nn.Module):
@@ -40,3 +46,182 @@ class HAM(reference.HAM):
         if backend == "eager":
             return super().forward(x)
         return ham_op(self, x, backend)
+
+
+# ----------------------------------------------------------------------------- SE, ECA, CBAM
+
+_warned: set = set()
+
+
+def _params(*tensors):
+    return [t for t in tensors if t is not None]
+
+
+class _Zoo:
+    """What SE, ECA and CBAM share: the fused forward over ``fusedattn.ops.zoo`` where the small
+    parts can be written as functions of the parameters, else the eager forward (with a one-time
+    warning, and ``last_backend`` saying ``eager``)."""
+
+    op_name = ""
+    with_max = False
+    spatial_attention = False
+
+    def _acts(self):
+        return []
+
+    def _unfusable(self) -> str:
+        """Why this instance's options cannot run fused ('' if they can)."""
+        for m in self._acts():
+            if m is not None and any(True for _ in m.parameters()):
+                return f"activation {type(m).__name__} has parameters"
+        for m in self.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return f"{type(m).__name__} has forward hooks"
+        return ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reference.check_zoo_input(type(self).__name__, x, self.channels)
+        backend = dispatch.select(self.op_name, x)
+        why = "" if backend == "eager" else self._unfusable()
+        if why:
+            key = (type(self).__name__, why)
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(f"fusedattn.{type(self).__name__}: running the eager module: {why}",
+                              stacklevel=2)
+            dispatch.record(self.op_name, "eager")
+            backend = "eager"
+        if backend == "eager" or x.numel() == 0:
+            return super().forward(x)
+        return zoo_op(self, x, backend)
+
+    @property
+    def channel_param_count(self) -> int:
+        return len(self.channel_params())
+
+    def fused_params(self):
+        return [*self.channel_params(), *self.spatial_params()]
+
+    def spatial_params(self):
+        return []
+
+
+class SE(_Zoo, reference.SE):
+    """Fused squeeze-and-excitation: timm's ``SEModule`` constructor, forward and state_dict keys
+    (``fc1.*``, ``bn.*``, ``fc2.*``; it subclasses ``fusedattn.reference.SE``). Fused: the pixel
+    pooling, the gate and their backward; the MLP, ``norm_layer`` (identity or a BatchNorm) and
+    the activations run in torch on (N, C) tensors. A norm layer other than BatchNorm, an
+    activation with parameters, or forward hooks on a part run the eager module (warned once)."""
+
+    op_name = "se"
+
+    @property
+    def with_max(self):
+        return self.add_maxpool
+
+    def _acts(self):
+        return [self.act, self.gate]
+
+    def _unfusable(self) -> str:
+        if not isinstance(self.bn, (nn.Identity, nn.modules.batchnorm._BatchNorm)):
+            return f"norm_layer {type(self.bn).__name__} is not a BatchNorm"
+        return super()._unfusable()
+
+    def _has_bn(self):
+        return isinstance(self.bn, nn.modules.batchnorm._BatchNorm)
+
+    def channel_params(self):
+        bn = (self.bn.weight, self.bn.bias) if self._has_bn() else ()
+        return _params(self.fc1.weight, self.fc1.bias, *bn, self.fc2.weight, self.fc2.bias)
+
+    def channel_fn(self, mean, mx, params, update: bool):
+        dt = mean.dtype
+        p = iter(params)
+        w1 = next(p).to(dt)
+        b1 = next(p).to(dt) if self.fc1.bias is not None else None
+        bn_w = bn_b = None
+        if self._has_bn():
+            bn_w = next(p).to(dt) if self.bn.weight is not None else None
+            bn_b = next(p).to(dt) if self.bn.bias is not None else None
+        w2 = next(p).to(dt)
+        b2 = next(p).to(dt) if self.fc2.bias is not None else None
+        v = 0.5 * mean + 0.5 * mx if self.add_maxpool else mean
+        z = zoo_ops.fc(v, w1, b1)
+        if self._has_bn():
+            z = zoo_ops.batch_norm(self.bn, z, bn_w, bn_b, update)
+        return self.gate(zoo_ops.fc(self.act(z), w2, b2))
+
+
+class ECA(_Zoo, reference.ECA):
+    """Fused efficient channel attention: timm's ``EcaModule`` constructor, forward and state_dict
+    keys (``conv.weight``; with ``use_mlp`` also ``conv.bias``, ``conv2.*``). Fused: the pixel
+    pooling, the gate and their backward; the 1-D conv over the channels (a windows x kernel
+    product) and the gate run in torch on (N, C) tensors."""
+
+    op_name = "eca"
+
+    def _acts(self):
+        return [self.act, self.gate]
+
+    def channel_params(self):
+        if self.conv2 is None:
+            return [self.conv.weight]
+        return [self.conv.weight, self.conv.bias, self.conv2.weight, self.conv2.bias]
+
+    def channel_fn(self, mean, mx, params, update: bool):
+        dt = mean.dtype
+        if self.conv2 is None:
+            return self.gate(channel_conv(mean, params[0].to(dt)))
+        w1, b1, w2, b2 = (t.to(dt) for t in params)
+        z = self.act(F.conv1d(mean[:, None], w1, b1))
+        z = F.conv1d(z, w2, b2, padding=self.conv2.padding[0])
+        return self.gate(z[:, 0])
+
+
+class CBAM(_Zoo, reference.CBAM):
+    """Fused CBAM: timm's ``CbamModule`` constructor, forward and state_dict keys
+    (``channel.fc1.weight``, ``channel.fc2.weight``, ``spatial.conv.conv.weight``,
+    ``spatial.conv.bn.*``). Fused: the pixel pooling (mean and max), the channel pooling of
+    ``a x`` (never stored), the gate ``x a s`` and their backward; the MLP, the k x k conv, the
+    BatchNorm and the gates run in torch on (N, C) and (N, pixel) maps."""
+
+    op_name = "cbam"
+    with_max = True
+    spatial_attention = True
+
+    def _acts(self):
+        return [self.channel.act, self.channel.gate, self.spatial.gate]
+
+    def channel_params(self):
+        c = self.channel
+        return _params(c.fc1.weight, c.fc1.bias, c.fc2.weight, c.fc2.bias)
+
+    def spatial_params(self):
+        cb = self.spatial.conv
+        return [cb.conv.weight, cb.bn.weight, cb.bn.bias]
+
+    def _unfusable(self) -> str:
+        bn = self.spatial.conv.bn
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.weight is None:
+            return "the spatial norm is not an affine BatchNorm"
+        return super()._unfusable()
+
+    def channel_fn(self, mean, mx, params, update: bool):
+        c = self.channel
+        dt = mean.dtype
+        p = iter(params)
+        w1 = next(p).to(dt)
+        b1 = next(p).to(dt) if c.fc1.bias is not None else None
+        w2 = next(p).to(dt)
+        b2 = next(p).to(dt) if c.fc2.bias is not None else None
+
+        def mlp(v):
+            return zoo_ops.fc(c.act(zoo_ops.fc(v, w1, b1)), w2, b2)
+
+        return c.gate(mlp(mean) + mlp(mx))
+
+    def spatial_fn(self, inp, params):
+        return zoo_ops.spatial_fn(self.spatial.conv, self.spatial.gate, inp, params)
+
+    def spatial_backward(self, ds, inp, params):
+        return zoo_ops.spatial_backward(self.spatial.conv, self.spatial.gate, ds, inp, params)

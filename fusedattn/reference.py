@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["SimAM", "simam", "HAM"]
+__all__ = ["SimAM", "simam", "HAM", "SE", "ECA", "CBAM", "make_divisible"]
 
 
 def simam(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
@@ -140,3 +140,225 @@ class HAM(nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, important={self.important}, "
                 f"separation_rate={self.separation_rate}, k={self.conv1d.kernel_size[0]}")
+
+
+# ----------------------------------------------------------------------------- SE, ECA, CBAM
+# timm's modules (spec/zoo.md): the same constructors, forward and state_dict keys, written here
+# so that the reference needs no timm.
+
+_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh,
+                "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "swish": nn.SiLU,
+                "gelu": nn.GELU, "hard_swish": nn.Hardswish, "identity": nn.Identity}
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
+                   round_limit: float = 0.9) -> int:
+    """timm's rounding of channel counts: the multiple of divisor nearest to v (at least
+    min_value or divisor), one more divisor if that falls below round_limit * v."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def create_act(layer, inplace: bool = False):
+    """An activation module from a name ('sigmoid', 'hard_sigmoid', 'relu', ...; other names
+    through timm when it is installed), a class (built with ``inplace`` when it takes it), or a
+    module; None stays None."""
+    if layer is None:
+        return None
+    if isinstance(layer, nn.Module):
+        return layer
+    if isinstance(layer, str):
+        if layer in _ACTIVATIONS:
+            layer = _ACTIVATIONS[layer]
+        else:
+            try:
+                from timm.layers import get_act_layer
+            except ImportError:
+                raise ValueError(f"unknown activation {layer!r}: expected one of "
+                                 f"{tuple(_ACTIVATIONS)} (other names need timm)") from None
+            layer = get_act_layer(layer)
+    try:
+        return layer(inplace=inplace)
+    except TypeError:
+        return layer()
+
+
+def _check_channels(name: str, channels) -> None:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"{name}: channels must be a positive int, got {channels!r}")
+
+
+def check_zoo_input(name: str, x, channels: int | None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a tensor of shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels, got shape {tuple(x.shape)}")
+
+
+class SE(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018), timm's ``SEModule``::
+
+        s = mean_p x  (add_maxpool: 0.5 s + 0.5 max_p x)
+        y = x * gate(fc2(act(bn(fc1(s)))))        fc: 1x1 convs, bn: norm_layer or identity
+    """
+
+    def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: int | None = None,
+                 rd_divisor: int = 8, add_maxpool: bool = False, bias: bool = True,
+                 act_layer=nn.ReLU, norm_layer=None, gate_layer="sigmoid", device=None,
+                 dtype=None):
+        super().__init__()
+        _check_channels("SE", channels)
+        dd = {"device": device, "dtype": dtype}
+        self.channels = channels
+        self.add_maxpool = add_maxpool
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
+        self.bn = norm_layer(rd_channels, **dd) if norm_layer else nn.Identity()
+        self.act = create_act(act_layer, inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
+        self.gate = create_act(gate_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_zoo_input("SE", x, self.channels)
+        x_se = x.mean((2, 3), keepdim=True)
+        if self.add_maxpool:
+            x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
+        x_se = self.fc2(self.act(self.bn(self.fc1(x_se))))
+        return x * self.gate(x_se)
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
+    """ECA's k: t = int(|log2(C) + beta| / gamma), odd-up, at least 3."""
+    t = int(abs(math.log(channels, 2) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+class ECA(nn.Module):
+    """Efficient channel attention (Wang et al. 2020), timm's ``EcaModule``::
+
+        y = x * gate(conv1d_k(mean_p x))     (zero-padded over the channels, no bias)
+
+    ``use_mlp`` (a timm experiment): conv1d(1 -> rd, 1) + act + conv1d(rd -> 1, k), with bias."""
+
+    def __init__(self, channels: int | None = None, kernel_size: int = 3, gamma: float = 2,
+                 beta: float = 1, act_layer=None, gate_layer="sigmoid", rd_ratio: float = 1 / 8,
+                 rd_channels: int | None = None, rd_divisor: int = 8, use_mlp: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if channels is not None:
+            _check_channels("ECA", channels)
+            kernel_size = eca_kernel_size(channels, gamma, beta)
+        if kernel_size % 2 != 1 or kernel_size < 1:
+            raise ValueError(f"ECA: kernel_size must be odd and positive, got {kernel_size!r}")
+        self.channels = channels
+        padding = (kernel_size - 1) // 2
+        if use_mlp:
+            if channels is None:
+                raise ValueError("ECA: use_mlp needs channels")
+            if rd_channels is None:
+                rd_channels = make_divisible(channels * rd_ratio, divisor=rd_divisor)
+            act_layer = act_layer or nn.ReLU
+            self.conv = nn.Conv1d(1, rd_channels, kernel_size=1, padding=0, bias=True, **dd)
+            self.act = create_act(act_layer)
+            self.conv2 = nn.Conv1d(rd_channels, 1, kernel_size=kernel_size, padding=padding,
+                                   bias=True, **dd)
+        else:
+            self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=padding, bias=False, **dd)
+            self.act = None
+            self.conv2 = None
+        self.gate = create_act(gate_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_zoo_input("ECA", x, self.channels)
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
+        y = self.conv(y)
+        if self.conv2 is not None:
+            y = self.conv2(self.act(y))
+        y = self.gate(y).view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
+
+
+class CbamChannel(nn.Module):
+    """CBAM's channel attention (timm's ``ChannelAttn``): x * gate(mlp(mean_p x) + mlp(max_p x)),
+    mlp = fc2(act(fc1)) with 1x1 convs."""
+
+    def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: int | None = None,
+                 rd_divisor: int = 1, act_layer=nn.ReLU, gate_layer="sigmoid",
+                 mlp_bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
+        self.act = create_act(act_layer, inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
+        self.gate = create_act(gate_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return x * self.gate(x_avg + x_max)
+
+
+class ConvBn(nn.Module):
+    """conv k x k (same padding, no bias) + BatchNorm: timm's ``ConvNormAct(apply_act=False)``
+    (keys ``conv.weight``, ``bn.*``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, device=None,
+                 dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                              bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_channels, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class CbamSpatial(nn.Module):
+    """CBAM's spatial attention (timm's ``SpatialAttn``): x * gate(bn(conv([mean_c x, max_c x])))."""
+
+    def __init__(self, kernel_size: int = 7, gate_layer="sigmoid", device=None, dtype=None):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"CBAM: spatial_kernel_size must be odd and positive, got {kernel_size!r}")
+        self.conv = ConvBn(2, 1, kernel_size, device=device, dtype=dtype)
+        self.gate = create_act(gate_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * self.gate(self.conv(x_attn))
+
+
+class CBAM(nn.Module):
+    """CBAM (Woo et al. 2018), timm's ``CbamModule``: channel attention, then spatial attention
+    on its output::
+
+        a = gate(mlp(mean_p x) + mlp(max_p x));  f = a x
+        y = f * gate(bn(conv_k([mean_c f, max_c f])))
+    """
+
+    def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: int | None = None,
+                 rd_divisor: int = 1, spatial_kernel_size: int = 7, act_layer=nn.ReLU,
+                 gate_layer="sigmoid", mlp_bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        _check_channels("CBAM", channels)
+        self.channels = channels
+        dd = {"device": device, "dtype": dtype}
+        self.channel = CbamChannel(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
+                                   rd_divisor=rd_divisor, act_layer=act_layer,
+                                   gate_layer=gate_layer, mlp_bias=mlp_bias, **dd)
+        self.spatial = CbamSpatial(spatial_kernel_size, gate_layer=gate_layer, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_zoo_input("CBAM", x, self.channels)
+        return self.spatial(self.channel(x))

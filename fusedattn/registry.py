@@ -45,10 +45,11 @@ class Op:
 
 
 def _timm(name):
+    """timm's module for attention type ``name`` (``timm.layers.create_attn``)."""
     def make(channels):
         import timm.layers
-        return getattr(timm.layers, name)(channels)
-    make.__name__ = f"timm.layers.{name}"
+        return timm.layers.create_attn(name, channels)
+    make.__name__ = f"timm.layers.create_attn({name!r})"
     return make
 
 
@@ -56,11 +57,11 @@ OPS = {op.name: op for op in (
     Op("simam", "simam_forward", "simam", "SimAM", "SimAM",
        doc="SimAM (Yang et al. 2021), parameter-free"),
     Op("ham", "pool_pixels", "passes", "HAM", "HAM", doc="HAM (Li et al. 2022)"),
-    Op("se", "pool_pixels", "passes", "SE", "SE", _timm("SEModule"),
+    Op("se", "pool_pixels", "passes", "SE", "SE", _timm("se"),
        doc="squeeze-and-excitation, timm's SEModule"),
-    Op("eca", "pool_pixels", "passes", "ECA", "ECA", _timm("EcaModule"),
+    Op("eca", "pool_pixels", "passes", "ECA", "ECA", _timm("eca"),
        doc="efficient channel attention, timm's EcaModule"),
-    Op("cbam", "pool_pixels", "passes", "CBAM", "CBAM", _timm("CbamModule"),
+    Op("cbam", "pool_pixels", "passes", "CBAM", "CBAM", _timm("cbam"),
        doc="CBAM, timm's CbamModule"),
 )}
 

@@ -1,0 +1,156 @@
+"""SE, ECA and CBAM, fused (math: ``fusedattn.reference``, spec/zoo.md) on the generic passes
+(``fusedattn.ops.passes``, docs/passes.md) with one channel group.
+
+A module describes its small parts; one autograd Function runs the passes around them::
+
+    mean_c, max_c, argmax_c = pool_pixels(x, with_max)            # pass 1 (max: CBAM, add_maxpool)
+    a = channel(mean_c, max_c)                                     # small, (N, C): SE's MLP, ECA's conv1d
+    CBAM: avg, mx, argmax = pool_channels(x, a)                    # pass 2: a x never stored
+          s = gate(bn(conv_k([avg, mx])))                          # small, (N, 1, P)
+    y = gate(x, a, s or none)                                      # pass 3
+
+Backward (x and dy read twice, or three times with CBAM's spatial part; dx written once)::
+
+    CBAM: ds = gate_grad_s(dy, x, a); d_avg, d_mx, d(conv, bn) by hand (the conv's input
+          gradient as a conv with the flipped kernel, as HAM's)
+    da = grad_a(x, dy[, s, d_avg, d_mx, argmax])                  # sum over pixels
+    d_mean_c, d_max_c, d(channel params) = vjp of channel()        # small, recomputed
+    dx = grad_x(dy, a, ..., d_mean_c, d_max_c, argmax_c)
+
+The small parts run in the accumulation dtype (fp32; fp64 for fp64 x) with the parameters cast
+to it; their gradients come back in the parameters' dtypes. BatchNorm (SE's norm_layer, CBAM's
+spatial bn) moves its running statistics once, in the forward, as the eager module does; the
+backward normalises with the same statistics without touching them. Autograd keeps x plus small
+tensors: the channel statistics and a per (n, c), CBAM's conv input and argmax per (n, pixel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layout
+from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
+from .ham import bn_stats, channel_conv
+from .passes import passes
+
+
+def batch_norm(bn: nn.Module, z: torch.Tensor, weight, bias, update: bool) -> torch.Tensor:
+    """``bn`` (a BatchNorm over dim 1 of z) as a function of its weight and bias: batch statistics
+    in training (running statistics moved when ``update``, as ``bn.forward`` does), running
+    statistics in eval."""
+    training = bn.training or bn.running_mean is None
+    if training and update and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
+        rm, rv = bn.running_mean, bn.running_var
+        out = F.batch_norm(z.to(rm.dtype), rm, rv, weight, bias, True, momentum, bn.eps)
+        return out.to(z.dtype)
+    if training:
+        return F.batch_norm(z, None, None, weight, bias, True, 0.0, bn.eps)
+    return F.batch_norm(z, bn.running_mean.to(z.dtype), bn.running_var.to(z.dtype), weight, bias,
+                        False, 0.0, bn.eps)
+
+
+def fc(v, w, b):
+    """A 1x1 conv on (N, C) vectors: v w^T + b."""
+    out = v @ w.reshape(w.shape[0], -1).t()
+    return out if b is None else out + b
+
+
+class ZooFunction(torch.autograd.Function):
+    """Fused forward and backward of a module with ``channel_fn`` (and ``spatial`` parts, CBAM);
+    see the module docstring. ``params`` are the module's ``fused_params()``."""
+
+    @staticmethod
+    def forward(ctx, x, module, backend, *params):
+        op = passes(backend)
+        N, C = x.shape[:2]
+        hw = tuple(x.shape[2:])
+        nc = module.channel_param_count
+        cparams, sparams = params[:nc], params[nc:]
+        mean_c, max_c, arg_c = op["pool_pixels"](x, module.with_max)
+        with torch.no_grad():
+            a = module.channel_fn(mean_c, max_c, cparams, update=True).contiguous()
+        s = inp = arg_s = None
+        if module.spatial_attention:
+            avg, mx, arg_s = op["pool_channels"](x, a, None, C, 0)
+            inp = torch.cat([avg, mx], 1).view(N, 2, *hw)
+            with torch.no_grad():
+                s = module.spatial_fn(inp, sparams).reshape(N, 1, -1).contiguous()
+        y = op["gate"](x, a, s, None)
+        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, inp, arg_s, *params)
+        ctx.meta = (module, backend, nc)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean_c, max_c, arg_c, a, inp, arg_s, *params = ctx.saved_tensors
+        module, backend, nc = ctx.meta
+        cparams, sparams = params[:nc], params[nc:]
+        op = passes(backend)
+        N, C = x.shape[:2]
+        dy = layout.in_layout_of(dy, x)
+        d_sparams = []
+        if module.spatial_attention:
+            ds = op["gate_grad_s"](dy, x, a, None)
+            s, d_inp, d_sparams = module.spatial_backward(ds, inp, sparams)
+            d_avg = d_inp[:, 0].reshape(N, 1, -1).contiguous()
+            d_mx = d_inp[:, 1].reshape(N, 1, -1).contiguous()
+            da = op["grad_a"](x, dy, s, None, d_avg, d_mx, arg_s, C, 0)
+            maps = (s, None, d_avg, d_mx, arg_s)
+        else:
+            da = op["grad_a"](x, dy, None, None, None, None, None, C, 0)
+            maps = (None, None, None, None, None)
+        _, vjp = torch.func.vjp(lambda m, mx, *p: module.channel_fn(m, mx, p, update=False),
+                                mean_c, max_c, *cparams)
+        d_mean, d_max, *d_cparams = vjp(da)
+        pixel_max = (d_max.contiguous(), arg_c) if module.with_max else (None, None)
+        dx = op["grad_x"](dy, a, *maps, C, 0, d_mean.contiguous(), *pixel_max)
+        return (dx, None, None, *d_cparams, *d_sparams)
+
+
+def zoo(module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Fused forward of ``module`` (fusedattn.SE, ECA or CBAM) on x with the passes of
+    ``backend`` (cpu, cuda or triton)."""
+    return ZooFunction.apply(layout.readable(x), module, backend, *module.fused_params())
+
+
+# ----------------------------------------------------------------------------- CBAM's spatial part
+
+def spatial_fn(conv_bn, gate, inp, params):
+    """s = gate(bn(conv_k(inp))) of CBAM's spatial attention (forward: BatchNorm through the
+    module, so its running statistics move once, as in the eager module)."""
+    w = params[0].to(inp.dtype)
+    z = same_conv(inp, w)
+    bn = conv_bn.bn
+    b = bn(z.to(bn.weight.dtype)).to(z.dtype)
+    return gate(b)
+
+
+def spatial_backward(conv_bn, gate, ds, inp, params):
+    """CBAM's spatial part again from the conv's input (BatchNorm without touching its running
+    statistics) and its gradients by hand: s (N, 1, P), d_inp (N, 2, H, W), [d_conv_weight,
+    d_bn_weight, d_bn_bias]."""
+    w_sp, bn_w, bn_b = params
+    bn = conv_bn.bn
+    dt = inp.dtype
+    z = same_conv(inp, w_sp.to(dt))
+    mean, rstd = bn_stats(z, bn, bn.training)
+    xhat = (z - mean) * rstd
+    gamma = bn_w.to(dt)
+    b = xhat * gamma + bn_b.to(dt)
+    s, vjp = torch.func.vjp(gate, b)
+    (db,) = vjp(ds.view_as(b))
+    d_gamma = (db * xhat).sum()
+    d_beta = db.sum()
+    dxhat = db * gamma
+    if bn.training or bn.running_mean is None:
+        dxhat = dxhat - dxhat.mean() - xhat * (dxhat * xhat).mean()
+    dz = dxhat * rstd
+    d_inp = same_conv_input_grad(dz, w_sp.to(dt))
+    d_w = same_conv_weight_grad(dz, inp, w_sp.shape[-1])
+    return (s.reshape(s.shape[0], 1, -1).contiguous(), d_inp,
+            [d_w.to(w_sp.dtype), d_gamma.to(bn_w.dtype).view_as(bn_w),
+             d_beta.to(bn_b.dtype).view_as(bn_b)])
