@@ -6,5 +6,5 @@ source "$(dirname "$0")/env.sh"
 'scripts/gpu.sh needs a CUDA device; torch sees none')"
 "$VPY" -m pytest -q "$@"
 for backend in triton cuda; do
-  "$VPY" -m fusedattn.bench --device cuda --backend "$backend" --ops simam,ham
+  "$VPY" -m fusedattn.bench --device cuda --backend "$backend" --ops simam,ham,se,eca,cbam
 done
