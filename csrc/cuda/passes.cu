@@ -34,7 +34,8 @@
 // reciprocals come from the host). 64-bit element offsets; 32-bit grid and index math where it
 // fits (pixel and channel indices < 2^31). Loops over samples and batches are not unrolled: the
 // U loads of a batch give the memory parallelism. Launched on the current stream, under a
-// CUDAGuard of the input's device; empty inputs launch nothing.
+// CUDAGuard of the input's device; empty inputs launch no pass kernel (the small outputs are
+// zero-filled, as on CPU).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -44,6 +45,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 
 #include "layout.h"
@@ -1027,9 +1030,11 @@ void with_groups(bool maps, int64_t ng, F&& f) {
   else with_group_count(ng, f);
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
 // The pointer of an optional tensor, or null.
 template <typename U>
-const U* opt_ptr(const std::optional<at::Tensor>& t) {
+const U* opt_ptr(const OptTensor& t) {
   return t.has_value() ? t->const_data_ptr<U>() : nullptr;
 }
 
@@ -1055,7 +1060,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels_cuda(const at::Tensor
   }
   const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_pixels_cuda", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_pixels_cuda", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
     const T* xp = x.const_data_ptr<T>();
@@ -1067,8 +1073,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pixels_cuda(const at::Tensor
       constexpr int VEC = decltype(V)::value;
       const PixelLaunch L = pixel_launch<VEC>(G, cl, kMinPlaneSplit, 16);
       const Reduction<A> red(fin, L.sp.S, G.N * G.C, opts);
-      const auto kernel = with_max ? (cl ? pool_pixels_cl<T, VEC, true> : pool_pixels_planar<T, VEC, true>)
-                                   : (cl ? pool_pixels_cl<T, VEC, false> : pool_pixels_planar<T, VEC, false>);
+      const auto kernel =
+          with_max ? (cl ? pool_pixels_cl<T, VEC, true> : pool_pixels_planar<T, VEC, true>)
+                   : (cl ? pool_pixels_cl<T, VEC, false> : pool_pixels_planar<T, VEC, false>);
       kernel<<<L.grid, L.block, 0, stream>>>(xp, red.first(), G.N, int(G.C), G.P, L.sp.S,
                                              L.sp.chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1111,19 +1118,15 @@ void channel_reduction(const at::Tensor& x, const at::Tensor* dy, const at::Tens
       constexpr int VEC = decltype(V)::value, NG = decltype(NGc)::value;
       const int bx = cl_lanes(G.C, VEC), by = kThreads / bx;
       const dim3 grid = grid_for(ceil_div(G.P, by), G.N), block(bx, by);
-      if (dy)
-        channels_cl<T, VEC, true, NG><<<grid, block, 0, stream>>>(xp, dp, ap, gp, fin, G.N, int(G.C),
-                                                                  G.P);
-      else
-        channels_cl<T, VEC, false, NG><<<grid, block, 0, stream>>>(xp, dp, ap, gp, fin, G.N,
-                                                                   int(G.C), G.P);
+      const auto kernel = dy ? channels_cl<T, VEC, true, NG> : channels_cl<T, VEC, false, NG>;
+      kernel<<<grid, block, 0, stream>>>(xp, dp, ap, gp, fin, G.N, int(G.C), G.P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels_cuda(
-    const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& group, int64_t size0,
+    const at::Tensor& x, const at::Tensor& a, const OptTensor& group, int64_t size0,
     int64_t size1) {
   check_x(x, "pool_channels");
   const Geom G = geom(x);
@@ -1134,7 +1137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels_cuda(
   at::Tensor avg = at::empty({G.N, ng, G.P}, opts), mx = at::empty({G.N, ng, G.P}, opts);
   at::Tensor arg = at::empty({G.N, ng, G.P}, x.options().dtype(at::kInt));
   if (x.numel() == 0) return {avg.zero_(), mx.zero_(), arg.zero_()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_channels_cuda", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_channels_cuda", [&] {
     using A = acc_t<scalar_t>;
     const A inv0 = size0 ? A(1) / A(size0) : A(0), inv1 = size1 ? A(1) / A(size1) : A(0);
     const Sink<A> fin{avg.mutable_data_ptr<A>(), mx.mutable_data_ptr<A>(),
@@ -1145,7 +1149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_channels_cuda(
 }
 
 at::Tensor gate_grad_s_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a,
-                            const std::optional<at::Tensor>& group) {
+                            const OptTensor& group) {
   check_x(x, "gate_grad_s");
   const Geom G = geom(x);
   check_like_x(dy, x, "gate_grad_s");
@@ -1154,7 +1158,8 @@ at::Tensor gate_grad_s_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor ds = at::empty({G.N, ng, G.P}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return ds.zero_();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gate_grad_s_cuda", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gate_grad_s_cuda", [&] {
     using A = acc_t<scalar_t>;
     const Sink<A> fin{ds.mutable_data_ptr<A>(), nullptr, nullptr, 0, A(1), A(1), false, false};
     channel_reduction<scalar_t>(x, &dy, a, opt_ptr<bool>(group), ng, fin);
@@ -1164,19 +1169,18 @@ at::Tensor gate_grad_s_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
 
 // The backward maps (given: check_maps returned true), or none.
 template <typename A>
-PoolMaps<A> pool_maps(bool given, const std::optional<at::Tensor>& s,
-                      const std::optional<at::Tensor>& d_avg, const std::optional<at::Tensor>& d_max,
-                      const std::optional<at::Tensor>& argmax, int64_t size0, int64_t size1) {
+PoolMaps<A> pool_maps(bool given, const OptTensor& s, const OptTensor& d_avg,
+                      const OptTensor& d_max, const OptTensor& argmax, int64_t size0,
+                      int64_t size1) {
   if (!given) return {nullptr, nullptr, nullptr, nullptr, A(0), A(0)};
   return {s->const_data_ptr<A>(), d_avg->const_data_ptr<A>(), d_max->const_data_ptr<A>(),
           argmax->const_data_ptr<int32_t>(), A(1) / A(std::max<int64_t>(size0, 1)),
           A(1) / A(std::max<int64_t>(size1, 1))};
 }
 
-at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dy, const std::optional<at::Tensor>& s,
-                       const std::optional<at::Tensor>& group, const std::optional<at::Tensor>& d_avg,
-                       const std::optional<at::Tensor>& d_max, const std::optional<at::Tensor>& argmax,
-                       int64_t size0, int64_t size1) {
+at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dy, const OptTensor& s,
+                       const OptTensor& group, const OptTensor& d_avg, const OptTensor& d_max,
+                       const OptTensor& argmax, int64_t size0, int64_t size1) {
   check_x(x, "grad_a");
   const Geom G = geom(x);
   check_like_x(dy, x, "grad_a");
@@ -1188,7 +1192,8 @@ at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dy, const std::opt
   if (x.numel() == 0) return da.zero_();
   const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_a_cuda", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_a_cuda", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
     const T* xp = x.const_data_ptr<T>();
@@ -1215,8 +1220,8 @@ at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dy, const std::opt
   return da;
 }
 
-at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& s,
-                     const std::optional<at::Tensor>& group) {
+at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const OptTensor& s,
+                     const OptTensor& group) {
   check_x(x, "gate");
   const Geom G = geom(x);
   const int64_t ng = groups(x, group, "gate");
@@ -1227,7 +1232,8 @@ at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const std::option
   if (x.numel() == 0) return y;
   const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gate_cuda", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gate_cuda", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
     const T* xp = x.const_data_ptr<T>();
@@ -1253,12 +1259,11 @@ at::Tensor gate_cuda(const at::Tensor& x, const at::Tensor& a, const std::option
   return y;
 }
 
-at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& a, const std::optional<at::Tensor>& s,
-                       const std::optional<at::Tensor>& group, const std::optional<at::Tensor>& d_avg,
-                       const std::optional<at::Tensor>& d_max, const std::optional<at::Tensor>& argmax,
-                       int64_t size0, int64_t size1, const at::Tensor& d_mean_c,
-                       const std::optional<at::Tensor>& d_max_c,
-                       const std::optional<at::Tensor>& argmax_c) {
+at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& a, const OptTensor& s,
+                       const OptTensor& group, const OptTensor& d_avg, const OptTensor& d_max,
+                       const OptTensor& argmax, int64_t size0, int64_t size1,
+                       const at::Tensor& d_mean_c, const OptTensor& d_max_c,
+                       const OptTensor& argmax_c) {
   check_x(dy, "grad_x");
   const Geom G = geom(dy);
   const int64_t ng = groups(dy, group, size0, size1, "grad_x");
@@ -1275,7 +1280,8 @@ at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& a, const std::opt
       maps && !pmax ? at::full({G.N, G.C}, -1, dy.options().dtype(at::kInt)) : at::Tensor();
   const bool cl = G.sC == 1;  // channels-last, or 1x1 maps (the same memory)
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "grad_x_cuda", [&] {
+  const auto dtype = dy.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_x_cuda", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
     const T* dp = dy.const_data_ptr<T>();
@@ -1289,11 +1295,12 @@ at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& a, const std::opt
     const PoolMaps<A> m = pool_maps<A>(maps, s, d_avg, d_max, argmax, size0, size1);
     const A invP = A(1) / A(G.P);
     const int V = kVec<T>;
-    const bool vec = aligned(dp, 16) && aligned(op, 16) &&
-                     (cl ? cl_vec<T>(G.C) && (!gp || aligned(gp, V)) && aligned(ap, V * sizeof(A)) &&
-                               aligned(dmc, V * sizeof(A)) && (!dxc || aligned(dxc, V * sizeof(A))) &&
-                               (!axc || aligned(axc, V * sizeof(int32_t)))
-                         : G.P % V == 0 && (!maps || maps_aligned(m, V)));
+    const bool vec =
+        aligned(dp, 16) && aligned(op, 16) &&
+        (cl ? cl_vec<T>(G.C) && (!gp || aligned(gp, V)) && aligned(ap, V * sizeof(A)) &&
+                  aligned(dmc, V * sizeof(A)) && (!dxc || aligned(dxc, V * sizeof(A))) &&
+                  (!axc || aligned(axc, V * sizeof(int32_t)))
+            : G.P % V == 0 && (!maps || maps_aligned(m, V)));
     with_vec<T>(vec, [&](auto VV) {
       with_groups(maps, ng, [&](auto NGc) {
         constexpr int VEC = decltype(VV)::value, NG = decltype(NGc)::value;
