@@ -46,9 +46,9 @@ def test_cuda_kernels_use_no_local_memory(cuda_build):
     out = subprocess.run([cuda_build, "-res-usage", _extension_path()], capture_output=True,
                          text=True, check=True).stdout
     usage = re.findall(r"Function (\S+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    # per arch: SimAM's kernels (40 or more) and HAM's 90 (22 per dtype, merge_splits x 2)
-    assert len(usage) >= 2 * (40 + 90), \
-        f"expected every SimAM and HAM kernel for two archs, got {len(usage)}"
+    # per arch: SimAM's kernels (40 or more) and the generic passes' 242 (csrc/cuda/passes.cu)
+    assert len(usage) >= 2 * (40 + 242), \
+        f"expected every SimAM and generic-pass kernel for two archs, got {len(usage)}"
     bad = [(name, stack, local) for name, _, stack, _, local in usage if int(stack) or int(local)]
     assert not bad, f"kernels using local memory (stack, local bytes): {bad[:5]}"
 

@@ -36,7 +36,7 @@ def _onehot(group, G):
 def pool_pixels(x, with_max: bool):
     A = _acc(x)
     xf = x.to(A).flatten(2)
-    mean = xf.sum(2) / xf.shape[2]
+    mean = xf.sum(2) / max(xf.shape[2], 1)  # no pixels: zeros, as the ops give
     if not with_max:
         return mean, x.new_empty(0, dtype=A), x.new_empty(0, dtype=torch.int32)
     if xf.shape[2] == 0:
