@@ -336,10 +336,11 @@ def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw,
     rows = []
     for p in PROVIDERS:
         mem_saved = saved_bytes(fns[p], x) if p != "clone" else 0
-        peak = peaks.get(p)
         for m in MODES:
             if m not in calls[p]:
                 continue
+            # memory is that of training; an inference forward saves nothing (peak: not measured)
+            saved, peak = (0, None) if m == "infer" else (mem_saved, peaks.get(p))
             ts = sorted(samples[p, m])
             med = statistics.median(ts)
             q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
@@ -351,7 +352,7 @@ def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw,
                 "device": device.type, "provider": p, "mode": m,
                 "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[3] * 1e3,
                 "gbps": gbps, "pct_peak_bw": (100 * gbps * 1e9 / peak_bw) if peak_bw else None,
-                "saved_bytes": mem_saved, "saved_over_input": mem_saved / nbytes,
+                "saved_bytes": saved, "saved_over_input": saved / nbytes,
                 "peak_added_bytes": peak, "input_bytes": nbytes,
             })
     return rows
@@ -367,12 +368,13 @@ def _get(rows, **kw):
 
 
 def table(rows, gpu: bool) -> str:
-    """Markdown table: one line per (shape, dtype, layout, mode)."""
+    """Markdown table: one line per (shape, dtype, layout, mode); the memory of the training
+    forward(+backward) on the fwd line."""
     head = ["shape", "dtype", "layout", "mode", "eager ms", "compile ms", "fused ms", "clone ms",
             "fused/compile", "eager/fused"]
     if gpu:
         head += ["fused GB/s", "% peak"]
-    head += ["saved/input (eager, compile, fused)", "peak MiB (eager, compile, fused)"]
+    head += ["saved/input (eager, compile, fused)", "train peak MiB (eager, compile, fused)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = []
     for r in rows:
@@ -403,15 +405,18 @@ def plot(rows, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     cases = []
     for r in rows:
         k = (r["shape"], r["dtype"], r["layout"])
         if k not in cases:
             cases.append(k)
-    fig, axes = plt.subplots(1, len(MODES), figsize=(6 * len(MODES), 0.5 * len(cases) + 2.5),
+    ncols = 2
+    nrows = -(-len(MODES) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, nrows * (0.5 * len(cases) + 2.5)),
                              squeeze=False)
     width = 0.8 / len(PROVIDERS)
-    for ax, mode in zip(axes[0], MODES):
+    for ax, mode in zip(axes.flat, MODES):
         for i, p in enumerate(PROVIDERS):
             ys, meds, lo, hi = [], [], [], []
             for j, (shape, dtype, layout) in enumerate(cases):
@@ -427,6 +432,7 @@ def plot(rows, path: Path, title: str) -> None:
         ax.set_yticklabels([f"{s} {d}{' CL' if l == 'channels_last' else ''}" for s, d, l in cases],
                            fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
         ax.set_xlabel("ms (median, p20-p80)")
         ax.set_title(mode)
         ax.invert_yaxis()
@@ -442,20 +448,55 @@ def plot(rows, path: Path, title: str) -> None:
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m fusedattn.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
+    ap.add_argument("--ops", default=",".join(registry.OPS),
+                    help=f"comma list of {', '.join(registry.OPS)} (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default=None,
                     help="comma list of fp16,bf16,fp32,fp64 (default: fp32 on CPU; fp16,bf16,fp32 on GPU)")
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"comma list of {', '.join(SHAPES)}, or NxCxHxW")
     ap.add_argument("--layouts", default="contiguous,channels_last")
-    ap.add_argument("--reps", type=int, default=15, help="interleaved rounds per case")
-    ap.add_argument("--quick", action="store_true", help="5 rounds, two shapes, contiguous only")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="interleaved rounds per case (default 16; a multiple of the provider "
+                         "order's period, 4)")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 rounds, shapes rn50-s1,rn50-s4, contiguous only (unless given)")
     ap.add_argument("--backend", default=None, help="fused backend (default: dispatcher's choice)")
     ap.add_argument("--e-lambda", type=float, default=1e-4)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    unknown = [o for o in args.ops.split(",") if o not in registry.OPS]
+    if unknown and not args.peak_child:
+        ap.error(f"unknown op(s) {', '.join(unknown)}; expected some of {', '.join(registry.OPS)}")
+    return args
+
+
+def _backend_ctx(backend):
+    """A fresh context manager per use (use_backend's is single-use)."""
+    import fusedattn
+    return fusedattn.use_backend(backend) if backend else _null()
+
+
+def _unavailable(op: str, device: torch.device, backend) -> str:
+    """Why op cannot be benchmarked here ('' if it can)."""
+    import fusedattn
+    entry = registry.get(op)
+    try:
+        entry.fused_cls()
+    except AttributeError:
+        return f"fusedattn.{entry.fused} does not exist (yet)"
+    try:
+        baseline_name(op)
+    except Exception as exc:  # e.g. a timm without the baseline class
+        return f"its eager baseline cannot be built ({type(exc).__name__}: {exc})"
+    try:
+        with _backend_ctx(backend):
+            fusedattn.dispatch.select(op, torch.empty(0, device=device))
+    except fusedattn.BackendUnavailable as exc:
+        return str(exc)
+    return ""
 
 
 def main(argv=None) -> int:
@@ -464,8 +505,15 @@ def main(argv=None) -> int:
         return _peak_child(args.peak_child)
     device = torch.device(args.device)
     import fusedattn
-    if args.quick:
-        args.reps, args.shapes, args.layouts = 5, "rn50-s1,rn50-s4", "contiguous"
+    period = len(round_orders(len(PROVIDERS)))
+    if args.quick:  # explicit --shapes / --layouts win
+        args.shapes = args.shapes if "--shapes" in args.given else "rn50-s1,rn50-s4"
+        args.layouts = args.layouts if "--layouts" in args.given else "contiguous"
+    if args.reps is None:
+        args.reps = period if args.quick else 4 * period
+    if args.reps % period:
+        log(f"fusedattn.bench: --reps {args.reps} is not a multiple of {period}: the provider "
+            "orders are not balanced")
     dtypes = args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32")
     shapes = [SHAPES[s] if s in SHAPES else tuple(int(v) for v in s.split("x"))
               for s in args.shapes.split(",")]
@@ -473,32 +521,27 @@ def main(argv=None) -> int:
              for l in args.layouts.split(",")]
     peak_bw = peak_bandwidth(device)
     where = machine(device)
-    def ctx():  # a fresh context manager per use (use_backend's is single-use)
-        return fusedattn.use_backend(args.backend) if args.backend else _null()
 
     for op in args.ops.split(","):
-        try:
-            with ctx():
-                fusedattn.dispatch.select(FORWARD_OP[op], torch.empty(0, device=device))
-        except fusedattn.BackendUnavailable as exc:
-            log(f"fusedattn.bench: skipping {op} on {device.type}: {exc}")
+        why = _unavailable(op, device, args.backend)
+        if why:
+            log(f"fusedattn.bench: skipping {op} on {device.type}: {why}")
             continue
-        log(f"fusedattn.bench: {op} on {where}; torch {torch.__version__}; {len(cases)} cases x "
-            f"{len(MODES)} modes x {len(PROVIDERS)} providers, {args.reps} rounds")
+        log(f"fusedattn.bench: {op} (eager: {baseline_name(op)}) on {where}; torch "
+            f"{torch.__version__}; {len(cases)} cases x {len(MODES)} modes x {len(PROVIDERS)} "
+            f"providers, {args.reps} rounds")
         rows = []
-        with ctx():
+        with _backend_ctx(args.backend):
             for i, (shape, dtype, cl) in enumerate(cases, 1):
                 log(f"[{i}/{len(cases)}] {op} {'x'.join(map(str, shape))} {dtype} "
                     f"{'channels_last' if cl else 'contiguous'}")
                 t0 = time.perf_counter()
-                rows += bench_case(op, shape, dtype, device, args.reps, cl, args.e_lambda, peak_bw)
+                rows += bench_case(op, shape, dtype, device, args.reps, cl, args.e_lambda,
+                                   peak_bw, args.backend)
                 log(f"    done in {time.perf_counter() - t0:.1f} s "
-                    f"(fused backend: {fusedattn.last_backend(FORWARD_OP[op])})")
+                    f"(fused backend: {fusedattn.last_backend(op)})")
         write_results(op, rows, args, device, where, peak_bw)
     return 0
-
-
-FORWARD_OP = {"simam": "simam_forward", "ham": "ham_pool_pixels"}  # what last_backend reports
 
 
 def write_results(op, rows, args, device, where, peak_bw) -> None:
@@ -512,7 +555,8 @@ def write_results(op, rows, args, device, where, peak_bw) -> None:
         w.writerows(rows)
     meta = {"command": "python -m fusedattn.bench " + " ".join(sys.argv[1:]), "machine": where,
             "torch": torch.__version__, "device": device.type, "peak_bandwidth_Bps": peak_bw,
-            "fused_backend": fusedattn.last_backend(FORWARD_OP[op]),
+            "fused_backend": fusedattn.last_backend(op), "eager": baseline_name(op),
+            "rounds": args.reps, "weight_noise": WEIGHT_NOISE, "weight_seed": WEIGHT_SEED,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     with open(f"{stem}.json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
