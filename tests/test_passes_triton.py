@@ -200,11 +200,8 @@ SHAPES = [((2, 3, 3, 5), None),      # odd sizes, C = 3, 3x5 maps
           ((2, 3, 1, 1), None),      # 1x1 maps (read as channels-last)
           ((2, 3, 1, 1), 1),
           ((2, 2, 5, 6), 0),         # C = 2, group 1 empty (size0 = 2, size1 = 0)
-          ((2, 2, 5, 6), 2),         # group 0 empty (size0 = 0, size1 = 2)
-          ((1, 6, 17, 31), None),    # P = 527: loop over P (several tiles), split in two
-          ((1, 6, 17, 31), 3),
-          ((1, 520, 2, 3), None),    # C = 520: loop over C, split in two
-          ((1, 520, 2, 3), 200)]
+          ((2, 2, 5, 6), 2)]         # group 0 empty (size0 = 0, size1 = 2)
+# (loops over many tiles and split reductions: test_loops_and_splits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -239,7 +236,7 @@ def _tie_data(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("grouped", [False, True], ids=["nogroup", "group"])
 def test_ties_exact_argmax(k, device, channels_last, dtype, grouped):
-    shape = (2, 13, 5, 7)
+    shape = (1, 13, 5, 7)
     cases = {"mixed": _tie_data(shape, dtype),
              "zeros": torch.zeros(shape, dtype=dtype),           # masked-out 0 vs real zeros
              "negative": -_tie_data(shape, dtype).abs() - 1,     # a masked-out 0 wins (G = 2)
@@ -248,15 +245,13 @@ def test_ties_exact_argmax(k, device, channels_last, dtype, grouped):
         inp = make_inputs(shape, dtype, channels_last, k1=5 if grouped else None, x=x)
         inp["a"] = torch.ones_like(inp["a"])                     # f = x exactly: ties stay ties
         set_argmax(inp)
-        names = PASSES if what != "minus_inf" else ("pool_pixels", "pool_channels")
-        check_all(k, inp, device, dtype, names)
+        # all passes on mixed ties (the argmax maps the gradients read have ties too)
+        check_all(k, inp, device, dtype, PASSES if what == "mixed" else PASSES[:2])
         _, mx, arg = run_triton(k, "pool_channels", inp, device)[0]
         if what == "negative" and grouped:  # every group's max is a masked-out 0: its first foreign channel
             first_out = torch.stack([(inp["group"] == (g == 0)).int().argmax(1) for g in (0, 1)], 1)
             assert not mx.any()
             assert torch.equal(arg, first_out[:, :, None].expand_as(arg).int())
-        if what == "negative" and not grouped:  # the real max, -1 (ties: the first channel)
-            assert (mx == -1).all()
         if what == "zeros" or (what == "minus_inf" and not grouped):  # channel 0 everywhere
             assert not arg.any()
         if what in ("zeros", "minus_inf"):  # pixel 0 everywhere
@@ -299,18 +294,20 @@ def test_loops_and_splits(k, device, split, monkeypatch):
     """Reduced axes of many tiles in one program (no split) or in many ranges merged by the
     combine kernel (split forced): same numbers, argmax across range boundaries included."""
     _force_splits(k, monkeypatch, split)
-    # C = 150: several channel tiles in either layout; P = 399: several pixel tiles
-    # (k1 = C: group 0 empty, zeros from the combine too)
-    for shape, cl, dtype, k1 in (((2, 150, 3, 5), False, torch.float64, 50),
-                                 ((2, 150, 3, 5), True, torch.float16, None),
-                                 ((1, 150, 3, 5), True, torch.float64, None),
+    # several tiles along C (planar tiles are few channels high, channels-last ones 64 wide)
+    # and along P (planar tiles 64 wide, channels-last ones a few pixels high); k1 = C: group 0
+    # empty, zeros from the combine too
+    for shape, cl, dtype, k1 in (((1, 40, 3, 5), False, torch.float64, 15),
+                                 ((1, 40, 3, 5), False, torch.float16, None),
+                                 ((2, 150, 2, 3), True, torch.float16, None),
+                                 ((1, 150, 2, 2), True, torch.float64, 150),
                                  ((1, 5, 19, 21), False, torch.float16, 2),
-                                 ((1, 5, 19, 21), True, torch.float64, None),
                                  ((1, 5, 19, 21), False, torch.float64, None),
-                                 ((1, 150, 2, 2), True, torch.float64, 150)):
+                                 ((2, 5, 9, 11), True, torch.float64, 2),
+                                 ((1, 5, 9, 11), True, torch.float32, None)):
         x = _tie_data(shape, torch.float64)
         x[0, 1, 1, 0] = x[0, 1, -1, -1] = float("nan")     # two NaNs, in different pixel tiles
-        x[0, 120 % shape[1], 0, 1] = float("nan")          # in a late channel tile
+        x[0, shape[1] - 3, 0, 1] = float("nan")            # in a late channel tile
         inp = make_inputs(shape, dtype, cl, k1=k1, x=x)
         check_all(k, inp, device, dtype)
     # the split really happened (or not)
@@ -477,7 +474,7 @@ def test_launches_are_aot_variants(k, monkeypatch):
                         for name, opts in CALLS:
                             getattr(k, name)(*_args(name, inp, **opts))
                             for fn, sig, cons, warps in log:
-                                key = (fn.kernel, tuple(sorted(sig.items())),
+                                key = (fn, tuple(sorted(sig.items())),
                                        tuple(sorted(cons.items(), key=lambda kv: kv[0])))
                                 assert key in aot, f"{name}{opts}: launch not in aot_variants: {sig} {cons}"
                                 assert aot[key][1] == warps, aot[key]

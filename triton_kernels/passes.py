@@ -32,7 +32,9 @@ row's group, s_g/d_avg_g/d_max_g/argmax_g the (n, g, p) maps, inv_g = 1 / |g|):
 Each optional part is a compile-time flag of the kernel (``G``, ``HAS_MAX``, ``HAS_S``,
 ``HAS_MAPS``, ``HAS_PIXEL_MAX``; ``FLAVOURS`` lists the combinations the launchers pick), and an
 absent tensor is passed as ``None`` (a constexpr): a lighter case neither loads nor carries what
-it does not use, and HAM's case (G = 2, the maps, the maxima) is the code it always was.
+it does not use, and HAM's case (G = 2, the maps, the maxima) keeps its statements in their order,
+so it compiles to the PTX it always did (triton_kernels/ham.py before; the split sums' combine
+has fewer parameters).
 
 Reductions keep a running state per tile element (lane) over a loop along the reduced axis in a
 fixed order, and reduce the tile once at the end: sums in ACC; maxima as (value, index) merged
@@ -118,6 +120,13 @@ def _group_row(ptr, n, p, P, pmask):
 
 
 @triton.jit
+def _map_rows(n, P, s_ptr, d_avg_ptr, d_max_ptr, am_ptr):
+    """The maps' (n, 0, :) rows (G = 1): the pointers offset once, outside the loops."""
+    row = n.to(tl.int64) * P
+    return s_ptr + row, d_avg_ptr + row, d_max_ptr + row, am_ptr + row
+
+
+@triton.jit
 def _group_pair(ptr, n, p, P, pmask):
     """The (n, 0, p) and (n, 1, p) entries of a contiguous (N, 2, P) map, as [BLOCK_P] vectors."""
     o = n.to(tl.int64) * 2 * P + p
@@ -128,16 +137,22 @@ def _group_pair(ptr, n, p, P, pmask):
 def _gate_terms(in1, c, p, n, P, mask, pmask, s_ptr, d_avg_ptr, d_max_ptr, am_ptr, inv0, inv1,
                 CL: tl.constexpr, G: tl.constexpr):
     """Per tile element, the row's group's s_g and the channel pooling's gradient w.r.t. f = a x,
-    d_avg_g / max(|g|, 1) + [argmax_g == c] d_max_g (in1: the row is in group 1; unused with
-    G = 1). G = 1: every row reads the same (n, 0, p) map rows, loaded once as [BLOCK_P] vectors.
-    G = 2: planar tiles gather the row's group directly (a thread's pixels are contiguous: vector
-    loads, and only one group's values held); channels-last tiles load both groups' [BLOCK_P]
-    vectors and select (a thread's elements are channels of few pixels)."""
-    if G == 1:
-        sv = _group_row(s_ptr, n, p, P, pmask)[None, :]
-        pa = (_group_row(d_avg_ptr, n, p, P, pmask) * inv0)[None, :]
-        dm = _group_row(d_max_ptr, n, p, P, pmask)[None, :]
-        am = _group_row(am_ptr, n, p, P, pmask)[None, :]
+    d_avg_g / max(|g|, 1) + [argmax_g == c] d_max_g (in1: the row is in group 1; None with
+    G = 1, where the map pointers already point at the sample's (n, 0, :) rows, _map_rows).
+    Planar tiles gather the row's group directly (a thread's pixels are contiguous: vector
+    loads, and only one group's values held); channels-last tiles load the groups' [BLOCK_P]
+    vectors and (G = 2) select (a thread's elements are channels of few pixels)."""
+    if G == 1 and CL:
+        sv = tl.load(s_ptr + p, mask=pmask, other=0.0)[None, :]
+        pa = (tl.load(d_avg_ptr + p, mask=pmask, other=0.0) * inv0)[None, :]
+        dm = tl.load(d_max_ptr + p, mask=pmask, other=0.0)[None, :]
+        am = tl.load(am_ptr + p, mask=pmask, other=0)[None, :]
+    elif G == 1:
+        o = p[None, :]
+        sv = tl.load(s_ptr + o, mask=mask, other=0.0)
+        pa = tl.load(d_avg_ptr + o, mask=mask, other=0.0) * inv0
+        dm = tl.load(d_max_ptr + o, mask=mask, other=0.0)
+        am = tl.load(am_ptr + o, mask=mask, other=0)
     elif CL:
         s0, s1 = _group_pair(s_ptr, n, p, P, pmask)
         da0, da1 = _group_pair(d_avg_ptr, n, p, P, pmask)
@@ -260,10 +275,11 @@ def _pool_pixels_kernel(x_ptr, sum_ptr, max_ptr, idx_ptr, C, P, S, SPLIT, R, DIV
         acc += v
         if HAS_MAX:
             best, idx = _take(tl.where(mask, v, float("-inf")), p[None, :], best, idx)
+    if HAS_MAX:
+        mx, am = _argmax_reduce(best, idx, 1)
     o = s.to(tl.int64) * R + n.to(tl.int64) * C + c
     tl.store(sum_ptr + o, tl.sum(acc, axis=1) / DIV.to(ACC), mask=cmask)
     if HAS_MAX:
-        mx, am = _argmax_reduce(best, idx, 1)
         tl.store(max_ptr + o, mx, mask=cmask)
         tl.store(idx_ptr + o, am, mask=cmask)
 
@@ -282,30 +298,34 @@ def _pool_channels_kernel(x_ptr, a_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, 
     n, s, p, pmask, c_lo, c_hi = _split_tile(P, C, S, SPLIT, BLOCK_P, BLOCK_C)
     rc = tl.arange(0, BLOCK_C)
     sum0 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
-    best0 = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
-    idx0 = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (c_lo + rc)[:, None]
     if G == 2:
         sum1 = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    best0 = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
+    if G == 2:
         best1 = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
+    idx0 = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (c_lo + rc)[:, None]
+    if G == 2:
         idx1 = idx0
     nc = n.to(tl.int64) * C
     for c0 in range(c_lo, c_hi, BLOCK_C):  # SPLIT is a multiple of BLOCK_C
         c = c0 + rc
         cmask, xv, _, av = _channel_step(x_ptr, None, a_ptr, n, nc, c, p, pmask, C, P, CL, ACC,
                                          False)
-        f = av[:, None] * xv
-        cc = c[:, None]
         if G == 2:
             in1 = _in_group1(g_ptr + nc, c, cmask)
+        f = av[:, None] * xv
+        if G == 2:
             v0 = tl.where(in1, 0.0, f)
             v1 = tl.where(in1, f, 0.0)
             sum0 += v0
             sum1 += v1
+            cc = c[:, None]
             best0, idx0 = _take(tl.where(cmask[:, None], v0, float("-inf")), cc, best0, idx0)
             best1, idx1 = _take(tl.where(cmask[:, None], v1, float("-inf")), cc, best1, idx1)
         else:
             sum0 += f
-            best0, idx0 = _take(tl.where(cmask[:, None], f, float("-inf")), cc, best0, idx0)
+            best0, idx0 = _take(tl.where(cmask[:, None], f, float("-inf")), c[:, None], best0,
+                                idx0)
     final = S == 1
     o = s.to(tl.int64) * R + n.to(tl.int64) * G * P + p
     _store_group(sum_ptr, max_ptr, idx_ptr, o, 0, pmask, sum0, best0, idx0, size0, final, ACC)
@@ -330,10 +350,9 @@ def _gate_kernel(x_ptr, a_ptr, s_ptr, g_ptr, y_ptr, C, P, BLOCK_C: tl.constexpr,
             sv = tl.where(in1, s1[None, :], s0[None, :])
         else:
             sv = _group_row(s_ptr, n, p, P, pmask)[None, :]
-        y = sv * a[:, None] * x
+        tl.store(y_ptr + off, (sv * a[:, None] * x).to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        y = a[:, None] * x
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + off, (a[:, None] * x).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_INTS)
@@ -353,9 +372,10 @@ def _gate_grad_s_kernel(dy_ptr, x_ptr, a_ptr, g_ptr, sum_ptr, C, P, S, SPLIT, R,
         c = c0 + rc
         cmask, xv, dv, av = _channel_step(x_ptr, dy_ptr, a_ptr, n, nc, c, p, pmask, C, P, CL,
                                           ACC, True)
-        v = dv * av[:, None] * xv
         if G == 2:
             in1 = _in_group1(g_ptr + nc, c, cmask)
+        v = dv * av[:, None] * xv
+        if G == 2:
             sum0 += tl.where(in1, 0.0, v)
             sum1 += tl.where(in1, v, 0.0)
         else:
@@ -381,6 +401,8 @@ def _grad_a_kernel(x_ptr, dy_ptr, s_ptr, g_ptr, d_avg_ptr, d_max_ptr, am_ptr, su
             in1 = _in_group1(g_ptr, nc, cmask)
         else:
             in1 = None
+            s_ptr, d_avg_ptr, d_max_ptr, am_ptr = _map_rows(n, P, s_ptr, d_avg_ptr, d_max_ptr,
+                                                            am_ptr)
         inv0 = 1.0 / tl.maximum(size0, 1).to(ACC)
         inv1 = 1.0 / tl.maximum(size1, 1).to(ACC)
     rp = tl.arange(0, BLOCK_P)
@@ -415,20 +437,27 @@ def _grad_x_kernel(dy_ptr, a_ptr, s_ptr, g_ptr, d_avg_ptr, d_max_ptr, am_ptr, dm
     dv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
     nc = n.to(tl.int64) * C + c
     a = tl.load(a_ptr + nc, mask=cmask, other=0.0)[:, None]
-    dmc = tl.load(dmc_ptr + nc, mask=cmask, other=0.0)
-    if HAS_PIXEL_MAX:
-        dxc = tl.load(dxc_ptr + nc, mask=cmask, other=0.0)
-        amc = tl.load(amc_ptr + nc, mask=cmask, other=0)
-    invp = 1.0 / P.to(ACC)
     if HAS_MAPS:
         if G == 2:
             in1 = _in_group1(g_ptr, nc, cmask)
         else:
             in1 = None
+            s_ptr, d_avg_ptr, d_max_ptr, am_ptr = _map_rows(n, P, s_ptr, d_avg_ptr, d_max_ptr,
+                                                            am_ptr)
+    if HAS_PIXEL_MAX:
+        dmc = tl.load(dmc_ptr + nc, mask=cmask, other=0.0)
+        dxc = tl.load(dxc_ptr + nc, mask=cmask, other=0.0)
+        amc = tl.load(amc_ptr + nc, mask=cmask, other=0)
+    if HAS_MAPS:
         inv0 = 1.0 / tl.maximum(size0, 1).to(ACC)
         inv1 = 1.0 / tl.maximum(size1, 1).to(ACC)
+    invp = 1.0 / P.to(ACC)
+    if HAS_MAPS:
         sv, pool = _gate_terms(in1, c, p, n, P, mask, pmask, s_ptr, d_avg_ptr, d_max_ptr, am_ptr,
                                inv0, inv1, CL, G)
+    if not HAS_PIXEL_MAX:  # loaded where used (loaded first, ptxas spilled in one variant)
+        dmc = tl.load(dmc_ptr + nc, mask=cmask, other=0.0)
+    if HAS_MAPS:
         v = dv * sv * a + a * pool + (dmc * invp)[:, None]
     else:
         v = dv * a + (dmc * invp)[:, None]
@@ -551,13 +580,14 @@ class Config:
 def per_thread(pass_name: str, flags: dict, elem_bytes: int, aligned: bool) -> int:
     """Tile elements per thread and iteration: two 16-byte vectors of each full-size tensor, or
     one for the flavours that carry many values per element (pool_channels with G = 2: six
-    running values, two groups' sum, max and argmax; grad_a with the maps: the groups' s, d_avg,
-    d_max and argmax at each of the thread's pixels). Rows that are not 16-byte aligned load
-    element by element, each with its own 64-bit address: at most 4 per thread then. So every
-    variant stays within 128 registers with no spills (python -m fusedattn.aot)."""
+    running values, two groups' sum, max and argmax; grad_a: the groups' s, d_avg, d_max and
+    argmax at each of the thread's pixels, and without the maps the same tile, since ptxas's
+    unrolling of the larger one spilled). Rows that are not 16-byte aligned load element by
+    element, each with its own 64-bit address: at most 4 per thread then. So every variant stays
+    within 128 registers with no spills (python -m fusedattn.aot)."""
     vec = 16 // elem_bytes
     heavy = ((pass_name == "pool_channels" and flags["G"] == 2)
-             or (pass_name == "grad_a" and flags["HAS_MAPS"]))
+             or pass_name == "grad_a")
     ept = vec if heavy else 2 * vec
     return ept if aligned else min(ept, 4)
 
