@@ -55,8 +55,7 @@ def batch_norm(bn: nn.Module, z: torch.Tensor, weight, bias, update: bool) -> to
 
 def fc(v, w, b):
     """A 1x1 conv on (N, C) vectors: v w^T + b."""
-    out = v @ w.reshape(w.shape[0], -1).t()
-    return out if b is None else out + b
+    return F.linear(v, w.reshape(w.shape[0], -1), b)
 
 
 class ZooFunction(torch.autograd.Function):
