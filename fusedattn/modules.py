@@ -74,8 +74,8 @@ class _Zoo:
         for m in self._acts():
             if m is not None and any(True for _ in m.parameters()):
                 return f"activation {type(m).__name__} has parameters"
-        for m in self.modules():
-            if m._forward_hooks or m._forward_pre_hooks:
+        for m in self.modules():  # hooks on the module itself run as usual; on its parts not
+            if m is not self and (m._forward_hooks or m._forward_pre_hooks):
                 return f"{type(m).__name__} has forward hooks"
         return ""
 

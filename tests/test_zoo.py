@@ -130,6 +130,21 @@ def test_unfusable_options_fall_back_with_one_warning():
         ours(x)  # warned once
 
 
+def test_hooks_on_a_part_run_eager_on_the_module_fused():
+    theirs, ours = pair("cbam", 16)
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    seen = []
+    h = ours.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    compare(theirs, ours, x, "cbam hooked module")
+    assert fusedattn.last_backend("cbam") == "cpu" and seen == [x.shape]
+    h.remove()
+    h = ours.channel.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with pytest.warns(UserWarning, match="Conv2d has forward hooks"):
+        compare(theirs, ours, x, "cbam hooked part")
+    assert fusedattn.last_backend("cbam") == "eager" and len(seen) == 3  # fc1 on mean and max
+    h.remove()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_matches_timm_both_ways(name):
     for C in (2, 7, 64):
