@@ -2,6 +2,7 @@
 import os
 
 import torch
+from torch import nn
 
 GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -33,3 +34,18 @@ def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what=""):
     scale = max(1.0, expected.abs().max().item())
     err = max_err(actual, expected)
     assert err <= 1e-12 * scale, f"{what}: fp64 error {err:.3g} (scale {scale:.3g})"
+
+
+class Block(nn.Module):
+    """A ResNet basic block with an attention module after the last BN, before the identity add
+    (HAM's Fig. 4; where timm puts SE, ECA and CBAM)."""
+
+    def __init__(self, attn, c=16):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.attn = attn(c)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.attn(self.bn2(self.conv2(out))))

@@ -5,7 +5,7 @@ from torch import nn
 
 import fusedattn
 from fusedattn import reference
-from helpers import LOW_PRECISION, assert_close64, assert_tolerance
+from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance
 
 
 def _pair(channels, dtype=torch.float64, train=False, device="cpu", **kw):
@@ -155,20 +155,6 @@ def test_a_backend_that_cannot_run_raises():
 def test_bad_separation_rate():
     with pytest.raises(ValueError, match="separation_rate"):
         fusedattn.HAM(8, separation_rate=2.0)
-
-
-class Block(nn.Module):
-    """A ResNet basic block with HAM after the last BN, before the identity add (Fig. 4)."""
-
-    def __init__(self, attn, c=16):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.attn = attn(c)
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.attn(self.bn2(self.conv2(out))))
 
 
 @pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])

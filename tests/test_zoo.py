@@ -8,7 +8,7 @@ from torch import nn
 
 import fusedattn
 from fusedattn import reference
-from helpers import LOW_PRECISION, assert_close64, assert_tolerance
+from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -204,20 +204,6 @@ def test_bad_input(name):
         m(torch.randn(1, 9, 3, 3))
     with pytest.raises(ValueError, match="channels"):
         cls(0)
-
-
-class Block(nn.Module):
-    """A ResNet basic block with the attention module after the last BN, before the add."""
-
-    def __init__(self, attn, c=16):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.attn = attn(c)
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.attn(self.bn2(self.conv2(out))))
 
 
 @pytest.mark.parametrize("name", NAMES)
