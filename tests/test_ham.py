@@ -1,7 +1,6 @@
 """Fused HAM against the eager reference (spec/ham.md)."""
 import pytest
 import torch
-from torch import nn
 
 import fusedattn
 from fusedattn import reference
