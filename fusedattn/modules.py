@@ -151,6 +151,24 @@ class SE(_Zoo, reference.SE):
             z = zoo_ops.batch_norm(self.bn, z, bn_w, bn_b, update)
         return self.gate(zoo_ops.fc(self.act(z), w2, b2))
 
+    def channel_backward(self, da, mean, mx, params):
+        """By hand without a norm layer (torch.func.vjp with one)."""
+        if self._has_bn():
+            return zoo_ops.channel_vjp(self, da, mean, mx, params)
+        dt = mean.dtype
+        with_b1, with_b2 = self.fc1.bias is not None, self.fc2.bias is not None
+        p = [t.to(dt) for t in params]
+        w1, b1 = p[0], (p[1] if with_b1 else None)
+        w2, b2 = p[1 + with_b1], (p[2 + with_b1] if with_b2 else None)
+        v = 0.5 * mean + 0.5 * mx if self.add_maxpool else mean
+        z2, saved = zoo_ops.mlp_forward(v, w1, b1, self.act, w2, b2)
+        a = zoo_ops.apply_act(self.gate, z2)
+        d_z2 = zoo_ops.act_backward(self.gate, z2, a, da)
+        d_v, grads = zoo_ops.mlp_backward(d_z2, saved, self.act, w1, w2, with_b1, with_b2)
+        if self.add_maxpool:
+            return 0.5 * d_v, 0.5 * d_v, zoo_ops.cast_like(grads, params)
+        return d_v, mx, zoo_ops.cast_like(grads, params)
+
 
 class ECA(_Zoo, reference.ECA):
     """Fused efficient channel attention: timm's ``EcaModule`` constructor, forward and state_dict
@@ -176,6 +194,13 @@ class ECA(_Zoo, reference.ECA):
         z = self.act(F.conv1d(mean[:, None], w1, b1))
         z = F.conv1d(z, w2, b2, padding=self.conv2.padding[0])
         return self.gate(z[:, 0])
+
+    def channel_backward(self, da, mean, mx, params):
+        """By hand for the paper's form (torch.func.vjp with ``use_mlp``)."""
+        if self.conv2 is not None:
+            return zoo_ops.channel_vjp(self, da, mean, mx, params)
+        d_mean, grads = zoo_ops.eca_channel_backward(self.gate, da, mean, params[0])
+        return d_mean, mx, grads
 
 
 class CBAM(_Zoo, reference.CBAM):
@@ -219,6 +244,23 @@ class CBAM(_Zoo, reference.CBAM):
             return zoo_ops.fc(c.act(zoo_ops.fc(v, w1, b1)), w2, b2)
 
         return c.gate(mlp(mean) + mlp(mx))
+
+    def channel_backward(self, da, mean, mx, params):
+        """By hand: both pooled vectors through the MLP as one (2N, C) batch."""
+        c = self.channel
+        dt = mean.dtype
+        N = mean.shape[0]
+        with_b1, with_b2 = c.fc1.bias is not None, c.fc2.bias is not None
+        p = [t.to(dt) for t in params]
+        w1, b1 = p[0], (p[1] if with_b1 else None)
+        w2, b2 = p[1 + with_b1], (p[2 + with_b1] if with_b2 else None)
+        z2, saved = zoo_ops.mlp_forward(torch.cat([mean, mx]), w1, b1, c.act, w2, b2)
+        pre = z2[:N] + z2[N:]
+        a = zoo_ops.apply_act(c.gate, pre)
+        d_pre = zoo_ops.act_backward(c.gate, pre, a, da)
+        d_v, grads = zoo_ops.mlp_backward(torch.cat([d_pre, d_pre]), saved, c.act, w1, w2,
+                                          with_b1, with_b2)
+        return d_v[:N], d_v[N:], zoo_ops.cast_like(grads, params)
 
     def spatial_fn(self, inp, params):
         return zoo_ops.spatial_fn(self.spatial.conv, self.spatial.gate, inp, params)

@@ -14,7 +14,7 @@ Backward (x and dy read twice, or three times with CBAM's spatial part; dx writt
     CBAM: ds = gate_grad_s(dy, x, a); d_avg, d_mx, d(conv, bn) by hand (the conv's input
           gradient as a conv with the flipped kernel, as HAM's)
     da = grad_a(x, dy[, s, d_avg, d_mx, argmax])                  # sum over pixels
-    d_mean_c, d_max_c, d(channel params) = vjp of channel()        # small, recomputed
+    d_mean_c, d_max_c, d(channel params) = channel_backward()      # small, recomputed, by hand
     dx = grad_x(dy, a, ..., d_mean_c, d_max_c, argmax_c)
 
 The small parts run in the accumulation dtype (fp32; fp64 for fp64 x) with the parameters cast
@@ -31,7 +31,7 @@ from torch import nn
 
 from . import layout
 from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
-from .ham import bn_stats, channel_conv
+from .ham import bn_stats, channel_conv, channel_conv_weight_grad
 from .passes import passes
 
 
@@ -102,9 +102,7 @@ class ZooFunction(torch.autograd.Function):
         else:
             da = op["grad_a"](x, dy, None, None, None, None, None, C, 0)
             maps = (None, None, None, None, None)
-        _, vjp = torch.func.vjp(lambda m, mx, *p: module.channel_fn(m, mx, p, update=False),
-                                mean_c, max_c, *cparams)
-        d_mean, d_max, *d_cparams = vjp(da)
+        d_mean, d_max, d_cparams = module.channel_backward(da, mean_c, max_c, cparams)
         pixel_max = (d_max.contiguous(), arg_c) if module.with_max else (None, None)
         dx = op["grad_x"](dy, a, *maps, C, 0, d_mean.contiguous(), *pixel_max)
         return (dx, None, None, *d_cparams, *d_sparams)
@@ -114,6 +112,80 @@ def zoo(module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """Fused forward of ``module`` (fusedattn.SE, ECA or CBAM) on x with the passes of
     ``backend`` (cpu, cuda or triton)."""
     return ZooFunction.apply(layout.readable(x), module, backend, *module.fused_params())
+
+
+# ----------------------------------------------------------------------------- channel parts
+
+def channel_vjp(module, da, mean_c, max_c, params):
+    """Gradients of ``module.channel_fn`` by torch.func.vjp of its recomputation (the options
+    without a hand-written backward): d_mean_c, d_max_c, [d_param...]."""
+    _, vjp = torch.func.vjp(lambda m, mx, *p: module.channel_fn(m, mx, p, update=False),
+                            mean_c, max_c, *params)
+    d_mean, d_max, *d_params = vjp(da)
+    return d_mean, d_max, d_params
+
+
+def apply_act(act, pre):
+    """act(pre) without overwriting pre (timm builds activations with inplace=True)."""
+    return act(pre.clone() if getattr(act, "inplace", False) else pre)
+
+
+_SIXTH_F32 = float(torch.tensor(1 / 6, dtype=torch.float32))
+
+
+def act_backward(act, pre, post, d_post):
+    """The gradient through an elementwise activation post = act(pre): closed forms for the
+    common ones, torch.func.vjp for the others."""
+    if act is None or isinstance(act, nn.Identity):
+        return d_post
+    if isinstance(act, nn.Sigmoid):
+        return d_post * post * (1 - post)
+    if isinstance(act, nn.ReLU):
+        return d_post * (post > 0).to(post.dtype)
+    if isinstance(act, nn.Hardsigmoid):  # torch's slope is 1/6 rounded to fp32, in every dtype
+        return d_post * ((pre > -3) & (pre < 3)).to(pre.dtype) * _SIXTH_F32
+    if isinstance(act, nn.Tanh):
+        return d_post * (1 - post * post)
+    _, vjp = torch.func.vjp(lambda t: act(t.clone()), pre)
+    return vjp(d_post)[0]
+
+
+def mlp_forward(v, w1, b1, act, w2, b2):
+    """z2 = fc2(act(fc1(v))) on (M, C) rows, with what its backward needs."""
+    z1 = fc(v, w1, b1)
+    h = apply_act(act, z1)
+    return fc(h, w2, b2), (v, z1, h)
+
+
+def mlp_backward(d_z2, saved, act, w1, w2, with_b1, with_b2):
+    """Gradients of mlp_forward: d_v and the parameters' [d_w1, (d_b1), d_w2, (d_b2)] (the
+    module's dtypes are restored by the caller)."""
+    v, z1, h = saved
+    W1, W2 = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+    d_w2 = (d_z2.t() @ h).view_as(w2)
+    d_h = d_z2 @ W2
+    d_z1 = act_backward(act, z1, h, d_h)
+    d_w1 = (d_z1.t() @ v).view_as(w1)
+    d_v = d_z1 @ W1
+    grads = [d_w1] + ([d_z1.sum(0)] if with_b1 else []) + [d_w2] + ([d_z2.sum(0)] if with_b2 else [])
+    return d_v, grads
+
+
+def cast_like(grads, params):
+    return [g.to(p.dtype) for g, p in zip(grads, params)]
+
+
+def eca_channel_backward(gate, da, mean_c, w):
+    """ECA's a = gate(conv1d_k(mean_c)) backward by hand: d_mean_c, [d_w] (the input's gradient:
+    the conv with the flipped kernel)."""
+    k = w.shape[-1]
+    wk = w.to(mean_c.dtype)
+    pre = channel_conv(mean_c, wk)
+    a = apply_act(gate, pre)
+    d_pre = act_backward(gate, pre, a, da)
+    d_mean = channel_conv(d_pre, wk.flip(-1))
+    d_w = channel_conv_weight_grad(d_pre, mean_c, k).view_as(w)
+    return d_mean, [d_w.to(w.dtype)]
 
 
 # ----------------------------------------------------------------------------- CBAM's spatial part
