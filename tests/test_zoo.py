@@ -12,14 +12,13 @@ from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance
 
 timm_layers = pytest.importorskip("timm.layers")
 
-NAMES = ("se", "eca", "cbam")
+# the registry's ops whose eager baseline is a timm module
+NAMES = tuple(n for n, op in fusedattn.registry.OPS.items() if op.baseline is not None)
 
 
 def timm_module(name, C, **kw):
-    from timm.layers.cbam import CbamModule
-    from timm.layers.eca import EcaModule
-    from timm.layers.squeeze_excite import SEModule
-    return {"se": SEModule, "eca": EcaModule, "cbam": CbamModule}[name](C, **kw)
+    """timm's module for attention type ``name``, as timm's models build it."""
+    return timm_layers.create_attn(name, C, **kw)
 
 
 def randomize(m: nn.Module, seed=0):
