@@ -136,15 +136,10 @@ class SE(_Zoo, reference.SE):
 
     def channel_fn(self, mean, mx, params, update: bool):
         dt = mean.dtype
-        p = iter(params)
-        w1 = next(p).to(dt)
-        b1 = next(p).to(dt) if self.fc1.bias is not None else None
-        bn_w = bn_b = None
-        if self._has_bn():
-            bn_w = next(p).to(dt) if self.bn.weight is not None else None
-            bn_b = next(p).to(dt) if self.bn.bias is not None else None
-        w2 = next(p).to(dt)
-        b2 = next(p).to(dt) if self.fc2.bias is not None else None
+        has_bn = self._has_bn()
+        w1, b1, bn_w, bn_b, w2, b2 = zoo_ops.unpack(params, (
+            True, self.fc1.bias is not None, has_bn and self.bn.weight is not None,
+            has_bn and self.bn.bias is not None, True, self.fc2.bias is not None), dt)
         v = 0.5 * mean + 0.5 * mx if self.add_maxpool else mean
         z = zoo_ops.fc(v, w1, b1)
         if self._has_bn():
@@ -157,9 +152,7 @@ class SE(_Zoo, reference.SE):
             return zoo_ops.channel_vjp(self, da, mean, mx, params)
         dt = mean.dtype
         with_b1, with_b2 = self.fc1.bias is not None, self.fc2.bias is not None
-        p = [t.to(dt) for t in params]
-        w1, b1 = p[0], (p[1] if with_b1 else None)
-        w2, b2 = p[1 + with_b1], (p[2 + with_b1] if with_b2 else None)
+        w1, b1, w2, b2 = zoo_ops.unpack(params, (True, with_b1, True, with_b2), dt)
         v = 0.5 * mean + 0.5 * mx if self.add_maxpool else mean
         z2, saved = zoo_ops.mlp_forward(v, w1, b1, self.act, w2, b2)
         a = zoo_ops.apply_act(self.gate, z2)
@@ -173,8 +166,8 @@ class SE(_Zoo, reference.SE):
 class ECA(_Zoo, reference.ECA):
     """Fused efficient channel attention: timm's ``EcaModule`` constructor, forward and state_dict
     keys (``conv.weight``; with ``use_mlp`` also ``conv.bias``, ``conv2.*``). Fused: the pixel
-    pooling, the gate and their backward; the 1-D conv over the channels (a windows x kernel
-    product) and the gate run in torch on (N, C) tensors."""
+    pooling, the gate and their backward; the 1-D conv over the channels (shifted
+    multiply-adds) and the gate run in torch on (N, C) tensors."""
 
     op_name = "eca"
 
@@ -234,11 +227,8 @@ class CBAM(_Zoo, reference.CBAM):
     def channel_fn(self, mean, mx, params, update: bool):
         c = self.channel
         dt = mean.dtype
-        p = iter(params)
-        w1 = next(p).to(dt)
-        b1 = next(p).to(dt) if c.fc1.bias is not None else None
-        w2 = next(p).to(dt)
-        b2 = next(p).to(dt) if c.fc2.bias is not None else None
+        w1, b1, w2, b2 = zoo_ops.unpack(
+            params, (True, c.fc1.bias is not None, True, c.fc2.bias is not None), dt)
 
         def mlp(v):
             return zoo_ops.fc(c.act(zoo_ops.fc(v, w1, b1)), w2, b2)
@@ -251,9 +241,7 @@ class CBAM(_Zoo, reference.CBAM):
         dt = mean.dtype
         N = mean.shape[0]
         with_b1, with_b2 = c.fc1.bias is not None, c.fc2.bias is not None
-        p = [t.to(dt) for t in params]
-        w1, b1 = p[0], (p[1] if with_b1 else None)
-        w2, b2 = p[1 + with_b1], (p[2 + with_b1] if with_b2 else None)
+        w1, b1, w2, b2 = zoo_ops.unpack(params, (True, with_b1, True, with_b2), dt)
         z2, saved = zoo_ops.mlp_forward(torch.cat([mean, mx]), w1, b1, c.act, w2, b2)
         pre = z2[:N] + z2[N:]
         a = zoo_ops.apply_act(c.gate, pre)

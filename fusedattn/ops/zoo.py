@@ -53,6 +53,13 @@ def batch_norm(bn: nn.Module, z: torch.Tensor, weight, bias, update: bool) -> to
                         False, 0.0, bn.eps)
 
 
+def unpack(params, present, dt):
+    """The parameters in the accumulation dtype dt, one per slot of ``present``: the next of
+    ``params`` where the slot is present (a module's optional biases), else None."""
+    it = iter(params)
+    return [next(it).to(dt) if there else None for there in present]
+
+
 def fc(v, w, b):
     """A 1x1 conv on (N, C) vectors: v w^T + b."""
     return F.linear(v, w.reshape(w.shape[0], -1), b)
