@@ -49,3 +49,25 @@ class Block(nn.Module):
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(x + self.attn(self.bn2(self.conv2(out))))
+
+
+def check_compiled_block(ref: nn.Module, fused: nn.Module, device, compiler: str):
+    """torch.compile(fullgraph=True) of ``fused`` (a Block holding a fused module, loaded with
+    ``ref``'s state) against eager ``ref`` in fp64, training and eval: outputs, every parameter
+    grad and the BatchNorm running statistics of the attention module."""
+    fused.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend=compiler)
+    for train in (True, False):
+        ref.train(train), fused.train(train)
+        ref.zero_grad(), fused.zero_grad()
+        x = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
+        out, want = compiled(x), ref(x)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        assert_close64(out, want)
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert_close64(p.grad, q.grad, name)
+        for (name, b), c in zip(fused.attn.named_buffers(), ref.attn.buffers()):
+            if "running" in name:
+                assert_close64(b, c, name)

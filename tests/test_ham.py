@@ -4,7 +4,7 @@ import torch
 
 import fusedattn
 from fusedattn import reference
-from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance
+from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance, check_compiled_block
 
 
 def _pair(channels, dtype=torch.float64, train=False, device="cpu", **kw):
@@ -162,17 +162,4 @@ def test_compile_fullgraph_resnet_block(backend_device, compiler):
     torch.manual_seed(0)
     ref = Block(reference.HAM).to(device, torch.float64)
     fused = Block(fusedattn.HAM).to(device, torch.float64)
-    fused.load_state_dict(ref.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, fullgraph=True, backend=compiler)
-    for train in (True, False):
-        ref.train(train), fused.train(train)
-        ref.zero_grad(), fused.zero_grad()
-        x = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
-        out, want = compiled(x), ref(x)
-        out.square().sum().backward()
-        want.square().sum().backward()
-        assert_close64(out, want)
-        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
-            assert_close64(p.grad, q.grad, name)
-        assert_close64(fused.attn.bn.running_var, ref.attn.bn.running_var)
+    check_compiled_block(ref, fused, device, compiler)

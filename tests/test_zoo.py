@@ -8,7 +8,7 @@ from torch import nn
 
 import fusedattn
 from fusedattn import reference
-from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance
+from helpers import LOW_PRECISION, Block, assert_close64, assert_tolerance, check_compiled_block
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -213,17 +213,4 @@ def test_compile_fullgraph_resnet_block(backend_device, name):
     ref = Block(entry.reference_cls()).to(device, torch.float64)
     randomize(ref)
     fused = Block(entry.fused_cls()).to(device, torch.float64)
-    fused.load_state_dict(ref.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, fullgraph=True,
-                             backend="aot_eager" if backend == "triton" else "inductor")
-    for train in (True, False):
-        ref.train(train), fused.train(train)
-        ref.zero_grad(), fused.zero_grad()
-        x = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
-        out, want = compiled(x), ref(x)
-        out.square().sum().backward()
-        want.square().sum().backward()
-        assert_close64(out, want)
-        for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
-            assert_close64(p.grad, q.grad, n)
+    check_compiled_block(ref, fused, device, "aot_eager" if backend == "triton" else "inductor")
