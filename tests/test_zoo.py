@@ -97,7 +97,8 @@ def test_edge_shapes(backend_device, name):
 
 OPTIONS = {
     "se": [dict(add_maxpool=True), dict(norm_layer=nn.BatchNorm2d), dict(bias=False),
-           dict(act_layer=nn.SiLU, gate_layer="hard_sigmoid"), dict(rd_channels=5)],
+           dict(act_layer=nn.SiLU, gate_layer="hard_sigmoid"), dict(rd_channels=5),
+           dict(act_layer="mish")],  # a name outside our table: looked up in timm
     "eca": [dict(use_mlp=True), dict(gate_layer="hard_sigmoid"), dict(gamma=1, beta=2)],
     "cbam": [dict(spatial_kernel_size=3), dict(mlp_bias=True), dict(gate_layer="hard_sigmoid"),
              dict(act_layer=nn.SiLU, rd_ratio=0.5)],
@@ -127,6 +128,16 @@ def test_unfusable_options_fall_back_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(x)  # warned once
+
+
+def test_activation_with_parameters_falls_back():
+    ref = randomize(reference.SE(16, act_layer=nn.PReLU)).double()
+    ours = fusedattn.SE(16, act_layer=nn.PReLU).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="activation PReLU has parameters"):
+        compare(ref, ours, x, "se prelu")
+    assert fusedattn.last_backend("se") == "eager"
 
 
 def test_hooks_on_a_part_run_eager_on_the_module_fused():
