@@ -16,20 +16,17 @@ from .ops.simam import check_lambda
 from .ops.zoo import zoo as zoo_op
 
 
-class SimAM(nn.Module):
+class SimAM(reference.SimAM):
     """Fused SimAM (spec/simam.md). No parameters; ``channels`` is accepted and ignored
-    (YOLO-style parsers pass it), so its state_dict is empty like ``nn.Identity``'s."""
+    (YOLO-style parsers pass it), so its state_dict is empty like ``nn.Identity``'s. It
+    subclasses ``fusedattn.reference.SimAM`` (``fusedattn.convert`` swaps the two)."""
 
     def __init__(self, channels: int | None = None, e_lambda: float = 1e-4):
-        super().__init__()
         check_lambda(e_lambda)
-        self.e_lambda = e_lambda
+        super().__init__(channels, e_lambda)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return simam(x, self.e_lambda)
-
-    def extra_repr(self) -> str:
-        return f"e_lambda={self.e_lambda}"
 
 
 class HAM(reference.HAM):
@@ -95,6 +92,12 @@ class _Zoo:
             return super().forward(x)
         return zoo_op(self, x, backend)
 
+    @staticmethod
+    def adopt(module: nn.Module) -> str:
+        """Prepare another library's instance (``registry.Op.adopts``) to become this class:
+        set the attributes the fused forward reads; return why it cannot ('' if it can)."""
+        return ""
+
     @property
     def channel_param_count(self) -> int:
         return len(self.channel_params())
@@ -114,6 +117,11 @@ class SE(_Zoo, reference.SE):
     activation with parameters, or forward hooks on a part run the eager module (warned once)."""
 
     op_name = "se"
+
+    @staticmethod
+    def adopt(module: nn.Module) -> str:
+        module.channels = module.fc1.in_channels
+        return ""
 
     @property
     def with_max(self):
@@ -171,6 +179,11 @@ class ECA(_Zoo, reference.ECA):
 
     op_name = "eca"
 
+    @staticmethod
+    def adopt(module: nn.Module) -> str:
+        module.channels = None  # timm's EcaModule does not keep it; the conv needs no check
+        return ""
+
     def _acts(self):
         return [self.act, self.gate]
 
@@ -206,6 +219,21 @@ class CBAM(_Zoo, reference.CBAM):
     op_name = "cbam"
     with_max = True
     spatial_attention = True
+
+    @staticmethod
+    def adopt(module: nn.Module) -> str:
+        """timm's CbamModule: its spatial ConvNormAct must be conv + BatchNorm only."""
+        cb = module.spatial.conv
+        conv = cb.conv
+        k = conv.kernel_size[0]
+        if (conv.kernel_size != (k, k) or conv.stride != (1, 1) or conv.dilation != (1, 1)
+                or conv.padding != (k // 2, k // 2) or conv.bias is not None or conv.groups != 1):
+            return "its spatial conv is not a same-padded k x k conv without bias"
+        extra = [getattr(cb, "aa", None), getattr(cb.bn, "act", None), getattr(cb.bn, "drop", None)]
+        if any(m is not None and not isinstance(m, nn.Identity) for m in extra):
+            return "its spatial ConvNormAct applies more than conv + BatchNorm"
+        module.channels = module.channel.fc1.in_channels
+        return ""
 
     def _acts(self):
         return [self.channel.act, self.channel.gate, self.spatial.gate]

@@ -9,7 +9,10 @@ Adding an op is one ``Op(...)`` in ``OPS``:
 - ``fused`` / ``reference``: the module classes (``fusedattn.<X>`` / ``fusedattn.reference.<X>``),
   constructed as ``cls(channels)``;
 - ``baseline``: the eager module a user holds, the benchmark's eager provider (timm's where one
-  exists, else our reference), as ``callable(channels) -> nn.Module`` loaded into ``fused``.
+  exists, else our reference), as ``callable(channels) -> nn.Module`` loaded into ``fused``;
+- ``adopts``: the qualified names of other libraries' eager classes with the reference's
+  parameters, children and forward, which ``fusedattn.convert`` turns into ``fused`` (the fused
+  class's ``adopt`` checks an instance's options).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Op:
     fused: str
     reference: str
     baseline: Callable | None = None  # None: the reference class
+    adopts: tuple[str, ...] = ()
     doc: str = ""
 
     def fused_cls(self):
@@ -58,11 +62,11 @@ OPS = {op.name: op for op in (
        doc="SimAM (Yang et al. 2021), parameter-free"),
     Op("ham", "pool_pixels", "passes", "HAM", "HAM", doc="HAM (Li et al. 2022)"),
     Op("se", "pool_pixels", "passes", "SE", "SE", _timm("se"),
-       doc="squeeze-and-excitation, timm's SEModule"),
+       adopts=("timm.layers.squeeze_excite.SEModule",), doc="squeeze-and-excitation, timm's SEModule"),
     Op("eca", "pool_pixels", "passes", "ECA", "ECA", _timm("eca"),
-       doc="efficient channel attention, timm's EcaModule"),
+       adopts=("timm.layers.eca.EcaModule",), doc="efficient channel attention, timm's EcaModule"),
     Op("cbam", "pool_pixels", "passes", "CBAM", "CBAM", _timm("cbam"),
-       doc="CBAM, timm's CbamModule"),
+       adopts=("timm.layers.cbam.CbamModule",), doc="CBAM, timm's CbamModule"),
 )}
 
 
