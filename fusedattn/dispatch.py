@@ -13,6 +13,12 @@ Ops are named by their public names (``fusedattn.registry.OPS``: "simam", "ham",
 environment variable ``FUSEDATTN_BACKEND`` must run, or the op raises
 :class:`BackendUnavailable` with the reason: nothing falls back silently.
 :func:`last_backend` tells which backend the last call of an op used (``eager`` included).
+
+Export: ``torch.export`` and ``torch.compile`` record the fused ops. ``torch.jit.trace`` and
+``torch.onnx.export`` record the eager reference's math instead (standard ATen / ONNX ops, so the
+saved graph runs without fusedattn, in libtorch or onnxruntime): the fused ops' autograd lives in
+Python, which a TorchScript graph cannot hold, and ONNX has no kernels of ours. ``last_backend``
+then says ``eager``.
 """
 from __future__ import annotations
 
@@ -41,15 +47,33 @@ class Status:
     reason: str  # why not, or what it runs on
 
 
+def _built_torch() -> str | None:
+    """The torch version ``fusedattn._C`` was built against (``fusedattn/_build_info.py``, written
+    by setup.py beside the .so), or None for a build that predates that file."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return getattr(_build_info, "TORCH_VERSION", None)
+
+
 @functools.cache
 def _native():
-    """``fusedattn._C`` or the import error as text (with the versions involved)."""
+    """``fusedattn._C`` or why it cannot be loaded, as text with the torch it was built against
+    and the one running. A build for another torch is not loaded at all: C++ extensions have no
+    ABI guarantee across torch versions, so it could crash or misbehave instead of failing."""
+    built, running = _built_torch(), torch.__version__
+    rebuild = ("Rebuild it against the running torch: `pip install --no-build-isolation .` "
+               "(`-e .` in a checkout; see the README's Install section).")
+    if built is not None and built != running:
+        return None, (f"fusedattn._C was not loaded: built against torch {built}, running torch "
+                      f"{running}. " + rebuild)
     try:
         return importlib.import_module("fusedattn._C"), ""
     except Exception as exc:  # a missing or mismatched build must not break `import fusedattn`
-        return None, (f"fusedattn._C could not be loaded ({type(exc).__name__}: {exc}); installed "
-                      f"torch is {torch.__version__}. Rebuild with "
-                      "`pip install --no-build-isolation -e .` (or run the README's commands).")
+        built = f"built against torch {built}" if built else "no build record (_build_info.py)"
+        return None, (f"fusedattn._C could not be loaded ({type(exc).__name__}: {exc}); {built}, "
+                      f"running torch {running}. " + rebuild)
 
 
 def native():
@@ -162,9 +186,21 @@ def _runs_on(name: str, device: torch.device) -> str:
     return ""
 
 
+def exporting() -> str:
+    """'torch.jit.trace' or 'torch.onnx.export' while one records a graph, else ''."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if torch.onnx.is_in_onnx_export():
+        return "torch.onnx.export"
+    return ""
+
+
 def select(op: str, x: torch.Tensor) -> str:
-    """The backend that runs ``op`` (a public op name) on ``x``. Under
-    torch.compile the choice is made once, when the graph is traced."""
+    """The backend that runs ``op`` (a public op name) on ``x``: ``eager`` while a graph is
+    recorded for TorchScript or ONNX (see the module docstring). Under torch.compile the choice is
+    made once, when the graph is traced."""
+    if exporting():
+        return _record(op, "eager")
     return _select(op, x.device.type)
 
 

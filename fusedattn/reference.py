@@ -56,9 +56,12 @@ def ham_important_channels(channels: int, separation_rate: float) -> int:
 def ham_important_mask(a: torch.Tensor, important: int) -> torch.Tensor:
     """(N, C) bool: the ``important`` channels of largest a per sample, ties to the lower index
     (a stable descending sort), so that every backend selects the same channels."""
-    order = torch.sort(a.detach(), dim=1, descending=True, stable=True).indices
+    if torch.onnx.is_in_onnx_export():  # ONNX has no stable sort; its TopK breaks ties the same way
+        order = torch.topk(a.detach(), important, dim=1).indices
+    else:
+        order = torch.sort(a.detach(), dim=1, descending=True, stable=True).indices[:, :important]
     mask = torch.zeros_like(a, dtype=torch.bool)
-    return mask.scatter(1, order[:, :important], True)
+    return mask.scatter(1, order, torch.ones_like(order, dtype=torch.bool))
 
 
 def check_ham_args(channels, separation_rate, spatial_kernel_size) -> None:
@@ -81,8 +84,8 @@ def check_ham_input(x, channels: int) -> None:
 
 
 class HAM(nn.Module):
-    """Hybrid attention module (Li et al., Pattern Recognition 129, 2022), spec/ham.md line by
-    line. Channel attention (Eqs. 5-7)::
+    """Hybrid attention module (Li et al., Pattern Recognition 129, 2022), fusedattn/spec/ham.md
+    line by line. Channel attention (Eqs. 5-7)::
 
         add_c = (avg_c + max_c) / 2 + alpha avg_c + beta max_c;  a = sigmoid(conv1d_k(add_c))
 
@@ -143,8 +146,8 @@ class HAM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- SE, ECA, CBAM
-# timm's modules (spec/zoo.md): the same constructors, forward and state_dict keys, written here
-# so that the reference needs no timm.
+# timm's modules (fusedattn/spec/zoo.md): the same constructors, forward and state_dict keys,
+# written here so that the reference needs no timm.
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh,
                 "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "swish": nn.SiLU,
