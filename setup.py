@@ -9,6 +9,15 @@ built when a CUDA toolkit (nvcc) and a CUDA build of torch are present, or when 
 
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100). The CUDA headers that torch needs from
 the pip `nvidia` packages (site-packages/nvidia/cu13/include) are put on the include path.
+
+torch: the extension is built against the torch imported here and runs only with that exact
+version (C++ extensions have no ABI guarantee across torch releases). pyproject.toml pins it for
+the build and at run time (`torch==2.14.1`, as requirements.txt). build_ext writes the version
+into `fusedattn/_build_info.py` next to `_C*.so`; `fusedattn.dispatch` refuses to load `_C` under
+another torch and says "built against torch X, running torch Y".
+
+Build without network or a second torch (what scripts/env.sh and tests/test_packaging.py do):
+`pip install --no-build-isolation --no-deps .` (or `-e .`, or `pip wheel ...`).
 """
 import glob
 import os
@@ -68,9 +77,33 @@ def _extension():
                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext, then `_build_info.py` (the torch version built against) beside each
+    built `_C*.so`: in the build tree (wheels, `pip install .`) and, for `-e .`, in the source
+    tree where the .so is copied (git-ignored there)."""
+
+    def run(self):
+        super().run()
+        text = ('"""Written by setup.py at build time: the torch that fusedattn._C was built '
+                f'against."""\nTORCH_VERSION = {torch.__version__!r}\n')
+        inplace = self.inplace
+        try:
+            self.inplace = False
+            targets = {Path(self.get_ext_fullpath(e.name)).parent for e in self.extensions}
+            self.inplace = inplace
+            targets |= {Path(self.get_ext_fullpath(e.name)).parent for e in self.extensions}
+        finally:
+            self.inplace = inplace
+        for folder in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "_build_info.py").write_text(text)
+
+
 setup(
     packages=["fusedattn", "fusedattn.ops", "fusedattn.triton_kernels"],
     package_dir={"fusedattn.triton_kernels": "triton_kernels"},
+    # The math contract the docstrings cite (fusedattn/spec/*.md) ships with the package.
+    package_data={"fusedattn": ["spec/*.md"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

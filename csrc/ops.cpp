@@ -8,7 +8,7 @@ TORCH_LIBRARY(fusedattn, m) {
   m.def("simam_forward(Tensor x, float e_lambda) -> (Tensor y, Tensor mu, Tensor inv)");
   m.def("simam_backward(Tensor grad, Tensor x, Tensor mu, Tensor inv) -> Tensor");
 
-  // The generic attention passes over full-size tensors (docs/passes.md states the math;
+  // The generic attention passes over full-size tensors (fusedattn/spec/passes.md states the math;
   // csrc/pass_check.h the shapes). SE, ECA, CBAM and HAM are built from them. Small tensors:
   // a, d_mean_c, ... (N, C); s, d_avg, ... (N, G, P) with G = 1 without `group`, 2 with it
   // (group: (N, C) bool, true = group 1; size0/size1 the group sizes, C and 0 without group).

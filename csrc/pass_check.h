@@ -1,6 +1,6 @@
-// The contract of the generic attention passes (csrc/ops.cpp declares them; docs/passes.md states
-// the math), shared by the CPU (csrc/cpu/passes.cpp) and CUDA (csrc/cuda/passes.cu) sources:
-// shapes, layouts and argument checks, written once.
+// The contract of the generic attention passes (csrc/ops.cpp declares them;
+// fusedattn/spec/passes.md states the math), shared by the CPU (csrc/cpu/passes.cpp) and CUDA
+// (csrc/cuda/passes.cu) sources: shapes, layouts and argument checks, written once.
 //
 // Element (n, c, p) of a full-size tensor in a readable layout lies at n sN + c sC + p sP
 // (contiguous: sC = P, sP = 1; channels-last: sC = 1, sP = C). Small tensors (indexed by (n, c)

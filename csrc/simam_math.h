@@ -1,5 +1,5 @@
-// SimAM per-element formulas and per-plane finishing steps (spec/simam.md), shared by the CPU
-// and CUDA sources so the CPU tests execute the arithmetic the GPU runs.
+// SimAM per-element formulas and per-plane finishing steps (fusedattn/spec/simam.md), shared by
+// the CPU and CUDA sources so the CPU tests execute the arithmetic the GPU runs.
 //
 // Forward, per plane of M elements:  mu = mean(x), d = x - mu, v = sum(d^2) / max(M-1, 1),
 //   inv = 1 / (4 (v + lambda)),  e = d^2 inv + 1/2,  y = x sigmoid(e).

@@ -1,6 +1,6 @@
 """``fusedattn.convert``: swap the attention modules of a model for their fused twins, or back.
 
-What is recognised (spec/zoo.md), per op of ``fusedattn.registry``:
+What is recognised (fusedattn/spec/zoo.md), per op of ``fusedattn.registry``:
 
 - our eager reference classes (``fusedattn.reference.SimAM``, ``HAM``, ``SE``, ``ECA``, ``CBAM``;
   the exact class, not a user's subclass, whose forward may differ);

@@ -63,17 +63,17 @@ def _native():
     and the one running. A build for another torch is not loaded at all: C++ extensions have no
     ABI guarantee across torch versions, so it could crash or misbehave instead of failing."""
     built, running = _built_torch(), torch.__version__
-    rebuild = ("Rebuild it against the running torch: `pip install --no-build-isolation .` "
-               "(`-e .` in a checkout; see the README's Install section).")
+    rebuild = ("; rebuild it against the running torch: `pip install --no-build-isolation .` "
+               "(`-e .` in a checkout; see the README's Install section)")
     if built is not None and built != running:
         return None, (f"fusedattn._C was not loaded: built against torch {built}, running torch "
-                      f"{running}. " + rebuild)
+                      f"{running}" + rebuild)
     try:
         return importlib.import_module("fusedattn._C"), ""
     except Exception as exc:  # a missing or mismatched build must not break `import fusedattn`
         built = f"built against torch {built}" if built else "no build record (_build_info.py)"
         return None, (f"fusedattn._C could not be loaded ({type(exc).__name__}: {exc}); {built}, "
-                      f"running torch {running}. " + rebuild)
+                      f"running torch {running}" + rebuild)
 
 
 def native():

@@ -17,7 +17,7 @@ from .ops.zoo import zoo as zoo_op
 
 
 class SimAM(reference.SimAM):
-    """Fused SimAM (spec/simam.md). No parameters; ``channels`` is accepted and ignored
+    """Fused SimAM (fusedattn/spec/simam.md). No parameters; ``channels`` is accepted and ignored
     (YOLO-style parsers pass it), so its state_dict is empty like ``nn.Identity``'s. It
     subclasses ``fusedattn.reference.SimAM`` (``fusedattn.convert`` swaps the two)."""
 
@@ -30,10 +30,10 @@ class SimAM(reference.SimAM):
 
 
 class HAM(reference.HAM):
-    """Fused HAM (spec/ham.md): the eager reference's constructor, parameters and state_dict
-    (it subclasses ``fusedattn.reference.HAM``, so ``load_state_dict`` moves weights both ways),
-    with the passes over full-size tensors fused (``fusedattn.ops.ham``). Backend ``eager`` runs
-    the reference forward."""
+    """Fused HAM (fusedattn/spec/ham.md): the eager reference's constructor, parameters and
+    state_dict (it subclasses ``fusedattn.reference.HAM``, so ``load_state_dict`` moves weights both
+    ways), with the passes over full-size tensors fused (``fusedattn.ops.ham``). Backend ``eager``
+    runs the reference forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reference.check_ham_input(x, self.channels)

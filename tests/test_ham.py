@@ -1,4 +1,4 @@
-"""Fused HAM against the eager reference (spec/ham.md)."""
+"""Fused HAM against the eager reference (fusedattn/spec/ham.md)."""
 import pytest
 import torch
 

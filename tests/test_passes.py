@@ -1,7 +1,7 @@
-"""The six generic passes (docs/passes.md) on every backend that runs here, against their eager
-statement (fusedattn.ops.pass_reference): every optional combination the modules use (one or
-two channel groups, with and without the spatial maps, the max and the pixel max), both layouts,
-odd sizes; opcheck of every op; clear errors for bad arguments."""
+"""The six generic passes (fusedattn/spec/passes.md) on every backend that runs here, against their
+eager statement (fusedattn.ops.pass_reference): every optional combination the modules use (one or
+two channel groups, with and without the spatial maps, the max and the pixel max), both layouts, odd
+sizes; opcheck of every op; clear errors for bad arguments."""
 import itertools
 
 import pytest

@@ -1,7 +1,7 @@
 """The six generic passes' Triton launchers (fusedattn.triton_kernels.passes) against their eager
-statement (fusedattn.ops.pass_reference, docs/passes.md), pass by pass and for every optional
-combination: channel groups G = 1 (no group) and G = 2, with and without the maps (s; s, d_avg,
-d_max, argmax), with and without the pixel max (pool_pixels' with_max, grad_x's d_max_c /
+statement (fusedattn.ops.pass_reference, fusedattn/spec/passes.md), pass by pass and for every
+optional combination: channel groups G = 1 (no group) and G = 2, with and without the maps (s; s,
+d_avg, d_max, argmax), with and without the pixel max (pool_pixels' with_max, grad_x's d_max_c /
 argmax_c), both layouts, odd sizes, split reductions, NaN / +-0 / -inf ties, empty groups.
 
 Without a GPU the kernels run in the Triton interpreter on CPU tensors (conftest sets

@@ -1,4 +1,4 @@
-"""SimAM: fused backends against the eager reference (spec/simam.md)."""
+"""SimAM: fused backends against the eager reference (fusedattn/spec/simam.md)."""
 import math
 
 import pytest

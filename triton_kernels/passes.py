@@ -1,6 +1,7 @@
-"""The six generic attention passes (docs/passes.md) in Triton: the kernels and host launchers
-behind ``fusedattn::<pass>_triton``. ``fusedattn/ops/pass_reference.py`` states the contract (same
-arguments, outputs, shapes, dtypes and strides); csrc/cpu/passes.cpp is the CPU op of the same.
+"""The six generic attention passes (fusedattn/spec/passes.md) in Triton: the kernels and host
+launchers behind ``fusedattn::<pass>_triton``. ``fusedattn/ops/pass_reference.py`` states the
+contract (same arguments, outputs, shapes, dtypes and strides); csrc/cpu/passes.cpp is the CPU op of
+the same.
 
 Element ``(n, c, p)`` of ``x`` (and of ``dy``, ``y``, ``dx``, which share x's strides) lies at
 ``n C P + c sC + p sP``: planar ``sC = P, sP = 1``, channels-last ``sC = 1, sP = C``. Every kernel

@@ -1,4 +1,4 @@
-"""SimAM in Triton (spec/simam.md).
+"""SimAM in Triton (fusedattn/spec/simam.md).
 
 A program owns a tile of ``BLOCK_P`` planes of one sample (consecutive channels) by ``BLOCK_M``
 plane elements; element ``m`` of plane ``(n, c)`` lies at ``n*s_n + c*s_c + m*s_m`` (planar:

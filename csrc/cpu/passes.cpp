@@ -1,7 +1,7 @@
-// The generic attention passes (docs/passes.md) on CPU tensors: everything of SE, ECA, CBAM and
-// HAM that touches a full-size tensor, forward and backward (csrc/pass_check.h: layouts, small
-// tensors, checks). Groups: G = 1 (no group flags: every channel in group 0) or G = 2 (g(c) in
-// {0, 1}, size[g] channels each); the (n, g, p) maps have G rows per sample. Optional parts (the
+// The generic attention passes (fusedattn/spec/passes.md) on CPU tensors: everything of SE, ECA,
+// CBAM and HAM that touches a full-size tensor, forward and backward (csrc/pass_check.h: layouts,
+// small tensors, checks). Groups: G = 1 (no group flags: every channel in group 0) or G = 2 (g(c)
+// in {0, 1}, size[g] channels each); the (n, g, p) maps have G rows per sample. Optional parts (the
 // spatial maps, the pixel max) are compile-time switches of the loops that read them.
 //
 // Every loop runs along the unit-stride dimension in fixed-width lanes that the compiler turns

@@ -1,4 +1,4 @@
-// SimAM on CPU tensors (spec/simam.md), forward and backward; the per-element math is
+// SimAM on CPU tensors (fusedattn/spec/simam.md), forward and backward; the per-element math is
 // csrc/simam_math.h. Vectorised by the compiler through fixed-width lane loops (the same bits on
 // every run and thread count), built for AVX-512, AVX2 and baseline x86-64 and picked at load
 // time (target_clones). Three work shapes:

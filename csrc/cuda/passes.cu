@@ -1,10 +1,10 @@
-// The generic attention passes over full-size tensors, on CUDA tensors: pool_pixels,
-// pool_channels, gate, gate_grad_s, grad_a, grad_x (docs/passes.md states the math; the schemas
-// are in csrc/ops.cpp, the shape and argument checks in csrc/pass_check.h, shared with the CPU
-// kernels of csrc/cpu/passes.cpp, which give the same outputs). Element (n, c, p) lies at
-// n sN + c sC + p sP: "planar" is the contiguous layout (sC = P, sP = 1), "cl" dense
-// channels-last (sC = 1, sP = C); 1x1 maps (both at once) take the cl kernels. Work shapes
-// (BX = 8..32 lanes along channel packs, BY = 256 / BX rows; packs are 16 bytes when aligned):
+// The generic attention passes over full-size tensors, on CUDA tensors: pool_pixels, pool_channels,
+// gate, gate_grad_s, grad_a, grad_x (fusedattn/spec/passes.md states the math; the schemas are in
+// csrc/ops.cpp, the shape and argument checks in csrc/pass_check.h, shared with the CPU kernels of
+// csrc/cpu/passes.cpp, which give the same outputs). Element (n, c, p) lies at n sN + c sC + p sP:
+// "planar" is the contiguous layout (sC = P, sP = 1), "cl" dense channels-last (sC = 1, sP = C);
+// 1x1 maps (both at once) take the cl kernels. Work shapes (BX = 8..32 lanes along channel packs,
+// BY = 256 / BX rows; packs are 16 bytes when aligned):
 //
 //  pixel reductions, per (n, c): pool_pixels (mean; max, argmax with_max), grad_a (da)
 //   * planar: a warp per (plane, pixel split), lanes along pixels; shuffles combine the lanes.

@@ -1,5 +1,5 @@
-// SimAM on CUDA tensors (spec/simam.md); the per-element math is csrc/simam_math.h, shared with
-// the CPU kernels. Work shapes (chosen by plan() below):
+// SimAM on CUDA tensors (fusedattn/spec/simam.md); the per-element math is csrc/simam_math.h,
+// shared with the CPU kernels. Work shapes (chosen by plan() below):
 //
 //  * planar, M <= 32 * kWarpItems:   one warp per plane, the plane in registers
 //  * planar, M <= kBlock * 32:       one block per plane, the plane in registers (ITEMS per thread)

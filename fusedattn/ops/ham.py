@@ -1,9 +1,9 @@
-"""HAM, fused (math: ``fusedattn.reference.HAM``, spec/ham.md).
+"""HAM, fused (math: ``fusedattn.reference.HAM``, fusedattn/spec/ham.md).
 
 The passes over full-size tensors are the generic passes (``fusedattn.ops.passes``,
-docs/passes.md) with two channel groups; the backend chosen for "ham" runs all six. The work
-indexed by (n, c) or (n, pixel) — the channel conv, the channel split, the 7x7 conv, BatchNorm,
-ReLU, sigmoid — stays in torch. Forward (x read three times, y written once)::
+fusedattn/spec/passes.md) with two channel groups; the backend chosen for "ham" runs all six. The
+work indexed by (n, c) or (n, pixel) — the channel conv, the channel split, the 7x7 conv,
+BatchNorm, ReLU, sigmoid — stays in torch. Forward (x read three times, y written once)::
 
     mean_c, max_c, argmax_c = pool_pixels(x, with_max=True)     # pass 1
     a = sigmoid(conv1d(add_c)); group = not important(a)        # small

@@ -1,5 +1,6 @@
-"""The six generic passes (docs/passes.md) in eager PyTorch: the statement every backend's op is
-tested against (same arguments, shapes and dtypes as ``torch.ops.fusedattn.<pass>``).
+"""The six generic passes (fusedattn/spec/passes.md) in eager PyTorch: the statement every
+backend's op is tested against (same arguments, shapes and dtypes as
+``torch.ops.fusedattn.<pass>``).
 
 Maxima: NaN largest, ties to the lowest index (written out, not left to ``torch.max``)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The six generic attention passes as ops (math: docs/passes.md; eager statement:
+"""The six generic attention passes as ops (math: fusedattn/spec/passes.md; eager statement:
 ``fusedattn.ops.pass_reference``): ``fusedattn::<pass>`` (C++, CPU and CUDA kernels) and
 ``fusedattn::<pass>_triton`` (custom ops over ``triton_kernels/passes.py``), one contract, fake
 kernels for both. :func:`passes` gives a backend's six ops; SE, ECA, CBAM and HAM call nothing

@@ -1,4 +1,4 @@
-"""SimAM ops and their dispatch (math: ``fusedattn.reference.simam``, spec/simam.md).
+"""SimAM ops and their dispatch (math: ``fusedattn.reference.simam``, fusedattn/spec/simam.md).
 
 Ops (namespace ``fusedattn``):
   ``simam_forward(x, e_lambda) -> (y, mu, inv)``   C++; CPU kernel (and CUDA when built)

@@ -1,5 +1,5 @@
-"""SE, ECA and CBAM, fused (math: ``fusedattn.reference``, spec/zoo.md) on the generic passes
-(``fusedattn.ops.passes``, docs/passes.md) with one channel group.
+"""SE, ECA and CBAM, fused (math: ``fusedattn.reference``, fusedattn/spec/zoo.md) on the generic
+passes (``fusedattn.ops.passes``, fusedattn/spec/passes.md) with one channel group.
 
 A module describes its small parts; one autograd Function runs the passes around them::
 
