@@ -12,6 +12,7 @@ from .ops import simam
 from .ops import zoo as zoo_ops
 from .ops.ham import channel_conv
 from .ops.ham import ham as ham_op
+from .ops.norm import Norm
 from .ops.simam import check_lambda
 from .ops.zoo import zoo as zoo_op
 
@@ -29,24 +30,6 @@ class SimAM(reference.SimAM):
         return simam(x, self.e_lambda)
 
 
-class HAM(reference.HAM):
-    """Fused HAM (fusedattn/spec/ham.md): the eager reference's constructor, parameters and
-    state_dict (it subclasses ``fusedattn.reference.HAM``, so ``load_state_dict`` moves weights both
-    ways), with the passes over full-size tensors fused (``fusedattn.ops.ham``). Backend ``eager``
-    runs the reference forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        reference.check_ham_input(x, self.channels)
-        if x.numel() == 0:
-            return x.clone()
-        backend = dispatch.select("ham", x)
-        if backend == "eager":
-            return super().forward(x)
-        return ham_op(self, x, backend)
-
-
-# ----------------------------------------------------------------------------- SE, ECA, CBAM
-
 _warned: set = set()
 
 
@@ -54,14 +37,23 @@ def _params(*tensors):
     return [t for t in tensors if t is not None]
 
 
-class _Zoo:
-    """What SE, ECA and CBAM share: the fused forward over ``fusedattn.ops.zoo`` where the small
-    parts can be written as functions of the parameters, else the eager forward (with a one-time
-    warning, and ``last_backend`` saying ``eager``)."""
+def _syncs(bn: nn.Module) -> bool:
+    """Whether ``bn`` is a SyncBatchNorm that would synchronise statistics across processes now
+    (training, with a process group of more than one)."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return False
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
+
+
+class _Fused:
+    """What the fused modules with parameters share: the fused forward where the module's options
+    allow it, else the eager forward (with a one-time warning, and ``last_backend`` saying
+    ``eager``)."""
 
     op_name = ""
-    with_max = False
-    spatial_attention = False
 
     def _acts(self):
         return []
@@ -71,13 +63,19 @@ class _Zoo:
         for m in self._acts():
             if m is not None and any(True for _ in m.parameters()):
                 return f"activation {type(m).__name__} has parameters"
-        for m in self.modules():  # hooks on the module itself run as usual; on its parts not
+        for m in self.modules():
+            if _syncs(m):
+                return "a SyncBatchNorm synchronises its statistics across processes"
+            # hooks on the module itself run as usual; on its parts they would not
             if m is not self and (m._forward_hooks or m._forward_pre_hooks):
                 return f"{type(m).__name__} has forward hooks"
         return ""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x):
         reference.check_zoo_input(type(self).__name__, x, self.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         backend = dispatch.select(self.op_name, x)
         why = "" if backend == "eager" else self._unfusable()
         if why:
@@ -90,7 +88,52 @@ class _Zoo:
             backend = "eager"
         if backend == "eager" or x.numel() == 0:
             return super().forward(x)
+        return self._fused(x, backend)
+
+
+class HAM(_Fused, reference.HAM):
+    """Fused HAM (fusedattn/spec/ham.md): the eager reference's constructor, parameters and
+    state_dict (it subclasses ``fusedattn.reference.HAM``, so ``load_state_dict`` moves weights both
+    ways), with the passes over full-size tensors fused (``fusedattn.ops.ham``). Backend ``eager``
+    runs the reference forward, as do a ``bn`` that is not an affine BatchNorm, a SyncBatchNorm
+    that synchronises across processes, and forward hooks on a part (warned once)."""
+
+    op_name = "ham"
+
+    def _check(self, x):
+        reference.check_ham_input(x, self.channels)
+
+    def _unfusable(self) -> str:
+        bn = self.bn
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.weight is None:
+            return f"its bn ({type(bn).__name__}) is not an affine BatchNorm"
+        return super()._unfusable()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.numel() == 0:
+            reference.check_ham_input(x, self.channels)
+            return x.clone()
+        return super().forward(x)
+
+    def _fused(self, x, backend):
+        return ham_op(self, x, backend)
+
+
+# ----------------------------------------------------------------------------- SE, ECA, CBAM
+
+class _Zoo(_Fused):
+    """What SE, ECA and CBAM share: the fused forward over ``fusedattn.ops.zoo``, the small parts
+    written as functions of the parameters and the BatchNorms (``norms()``)."""
+
+    with_max = False
+    spatial_attention = False
+
+    def _fused(self, x, backend):
         return zoo_op(self, x, backend)
+
+    def norms(self) -> dict:
+        """The BatchNorms of the small parts, as ``Norm`` snapshots by name."""
+        return {}
 
     @staticmethod
     def adopt(module: nn.Module) -> str:
@@ -138,11 +181,14 @@ class SE(_Zoo, reference.SE):
     def _has_bn(self):
         return isinstance(self.bn, nn.modules.batchnorm._BatchNorm)
 
+    def norms(self) -> dict:
+        return {"bn": Norm.of(self.bn)} if self._has_bn() else {}
+
     def channel_params(self):
         bn = (self.bn.weight, self.bn.bias) if self._has_bn() else ()
         return _params(self.fc1.weight, self.fc1.bias, *bn, self.fc2.weight, self.fc2.bias)
 
-    def channel_fn(self, mean, mx, params, update: bool):
+    def channel_fn(self, mean, mx, params, norms, update: bool):
         dt = mean.dtype
         has_bn = self._has_bn()
         w1, b1, bn_w, bn_b, w2, b2 = zoo_ops.unpack(params, (
@@ -150,14 +196,14 @@ class SE(_Zoo, reference.SE):
             has_bn and self.bn.bias is not None, True, self.fc2.bias is not None), dt)
         v = 0.5 * mean + 0.5 * mx if self.add_maxpool else mean
         z = zoo_ops.fc(v, w1, b1)
-        if self._has_bn():
-            z = zoo_ops.batch_norm(self.bn, z, bn_w, bn_b, update)
+        if has_bn:
+            z = norms["bn"].forward(z, bn_w, bn_b, update)
         return self.gate(zoo_ops.fc(self.act(z), w2, b2))
 
-    def channel_backward(self, da, mean, mx, params):
+    def channel_backward(self, da, mean, mx, params, norms):
         """By hand without a norm layer (torch.func.vjp with one)."""
         if self._has_bn():
-            return zoo_ops.channel_vjp(self, da, mean, mx, params)
+            return zoo_ops.channel_vjp(self, da, mean, mx, params, norms)
         dt = mean.dtype
         with_b1, with_b2 = self.fc1.bias is not None, self.fc2.bias is not None
         w1, b1, w2, b2 = zoo_ops.unpack(params, (True, with_b1, True, with_b2), dt)
@@ -192,7 +238,7 @@ class ECA(_Zoo, reference.ECA):
             return [self.conv.weight]
         return [self.conv.weight, self.conv.bias, self.conv2.weight, self.conv2.bias]
 
-    def channel_fn(self, mean, mx, params, update: bool):
+    def channel_fn(self, mean, mx, params, norms, update: bool):
         dt = mean.dtype
         if self.conv2 is None:
             return self.gate(channel_conv(mean, params[0].to(dt)))
@@ -201,10 +247,10 @@ class ECA(_Zoo, reference.ECA):
         z = F.conv1d(z, w2, b2, padding=self.conv2.padding[0])
         return self.gate(z[:, 0])
 
-    def channel_backward(self, da, mean, mx, params):
+    def channel_backward(self, da, mean, mx, params, norms):
         """By hand for the paper's form (torch.func.vjp with ``use_mlp``)."""
         if self.conv2 is not None:
-            return zoo_ops.channel_vjp(self, da, mean, mx, params)
+            return zoo_ops.channel_vjp(self, da, mean, mx, params, norms)
         d_mean, grads = zoo_ops.eca_channel_backward(self.gate, da, mean, params[0])
         return d_mean, mx, grads
 
@@ -252,7 +298,10 @@ class CBAM(_Zoo, reference.CBAM):
             return "the spatial norm is not an affine BatchNorm"
         return super()._unfusable()
 
-    def channel_fn(self, mean, mx, params, update: bool):
+    def norms(self) -> dict:
+        return {"spatial": Norm.of(self.spatial.conv.bn)}
+
+    def channel_fn(self, mean, mx, params, norms, update: bool):
         c = self.channel
         dt = mean.dtype
         w1, b1, w2, b2 = zoo_ops.unpack(
@@ -263,7 +312,7 @@ class CBAM(_Zoo, reference.CBAM):
 
         return c.gate(mlp(mean) + mlp(mx))
 
-    def channel_backward(self, da, mean, mx, params):
+    def channel_backward(self, da, mean, mx, params, norms):
         """By hand: both pooled vectors through the MLP as one (2N, C) batch."""
         c = self.channel
         dt = mean.dtype
@@ -278,8 +327,8 @@ class CBAM(_Zoo, reference.CBAM):
                                           with_b1, with_b2)
         return d_v[:N], d_v[N:], zoo_ops.cast_like(grads, params)
 
-    def spatial_fn(self, inp, params):
-        return zoo_ops.spatial_fn(self.spatial.conv, self.spatial.gate, inp, params)
+    def spatial_fn(self, inp, params, norms):
+        return zoo_ops.spatial_fn(self.spatial.gate, inp, params, norms["spatial"])
 
-    def spatial_backward(self, ds, inp, params):
-        return zoo_ops.spatial_backward(self.spatial.conv, self.spatial.gate, ds, inp, params)
+    def spatial_backward(self, ds, inp, params, norms):
+        return zoo_ops.spatial_backward(self.spatial.gate, ds, inp, params, norms["spatial"])

@@ -24,9 +24,9 @@ Autograd keeps x plus small tensors: per (n, c) the channel statistics, a and th
 (n, pixel) the conv's input and the groups' argmax (int32); the conv's output z and s are
 recomputed from them (one small conv).
 Maxima send their gradient to the first index attaining them; a group's max that is a 0 of a
-masked-out channel sends none to x. BatchNorm runs through the module itself in the forward
-(running statistics move once per non-empty group, as in the reference); the backward uses the
-same normalisation without touching them. Both groups share one conv call (stacked on the batch).
+masked-out channel sends none to x. BatchNorm's running statistics move once per non-empty group
+in the forward, as in the reference; the backward uses the same normalisation (from what the
+forward saved, not from the module) without touching them. Both groups share one conv call (stacked on the batch).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from . import layout
 from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
+from .norm import Norm, first_order
 from .passes import passes
 
 # ----------------------------------------------------------------------------- small branches
@@ -118,61 +119,50 @@ def spatial_logits(inp, w_sp):
     return same_conv(inp, w_sp.to(inp.dtype))
 
 
-def bn_stats(z, bn, training: bool):
-    """(mean, rstd) BatchNorm normalises one group's map z with: its batch statistics in training,
-    the running ones in eval."""
-    if training or bn.running_mean is None:
-        mean = z.mean()  # two passes: ~10x faster than var_mean on CPU for these small maps
-        var = (z - mean).square().mean()
-    else:
-        mean, var = bn.running_mean.to(z.dtype)[0], bn.running_var.to(z.dtype)[0]
-    return mean, torch.rsqrt(var + bn.eps)
-
-
-def spatial_gates(z, sizes, bn):
+def spatial_gates(z, sizes, norm: Norm, weight, bias):
     """s (N, 2, P) = sigmoid(relu(bn(z_g))) per non-empty group (zeros for an empty one: it gates
-    no channel), through the module's BatchNorm: running statistics move once per group, as in
-    the reference."""
+    no channel); the BatchNorm's running statistics move once per group, as in the reference."""
     groups = _groups(sizes)
     N = z.shape[0] // len(groups)
     s = z.new_zeros(N, 2, z[0].numel())
     for i, g in enumerate(groups):
-        b = bn(z[i * N:(i + 1) * N].to(bn.weight.dtype)).to(z.dtype)
+        b = norm.forward(z[i * N:(i + 1) * N].to(weight.dtype), weight, bias).to(z.dtype)
         s[:, g] = torch.sigmoid(torch.relu(b)).view(N, -1)
     return s
 
 
-def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
+def spatial_backward(ds, z, inp, w_sp, sizes, norm: Norm, bn_weight, bn_bias, need_w: bool = True):
     """The spatial branch again from the conv's input and output z (BatchNorm's normalisation
     without touching its running statistics), and its gradients by hand: returns s (N, 2, P),
-    d_avg, d_max (N, 2, P), d_weight of the conv, d_weight and d_bias of the BatchNorm."""
+    d_avg, d_max (N, 2, P), d_weight of the conv (None unless ``need_w``), d_weight and d_bias of
+    the BatchNorm."""
     groups = _groups(sizes)
     N = z.shape[0] // len(groups)
     dt = z.dtype
-    gamma = bn.weight.to(dt)
+    gamma = bn_weight.to(dt)
     s = z.new_zeros(ds.shape)
     d_gamma = torch.zeros((), dtype=dt, device=z.device)
     d_beta = torch.zeros((), dtype=dt, device=z.device)
     dz = []
     for i, g in enumerate(groups):
         zg = z[i * N:(i + 1) * N]
-        mean, rstd = bn_stats(zg, bn, training)
+        mean, rstd = norm.stats(zg)
         xhat = (zg - mean) * rstd
-        b = xhat * gamma + bn.bias.to(dt)
+        b = xhat * gamma + bn_bias.to(dt)
         sg = torch.sigmoid(torch.relu(b))
         s[:, g] = sg.view(N, -1)
         db = ds[:, g].view_as(zg) * sg * (1 - sg) * (b > 0).to(dt)
         d_gamma = d_gamma + (db * xhat).sum()
         d_beta = d_beta + db.sum()
         dxhat = db * gamma
-        if training:
+        if norm.batch_stats:
             dxhat = dxhat - dxhat.mean() - xhat * (dxhat * xhat).mean()
         dz.append(dxhat * rstd)
     k = w_sp.shape[-1]
     dz = torch.cat(dz)
     w = w_sp.to(dt)
     d_inp = same_conv_input_grad(dz, w)
-    d_w = same_conv_weight_grad(dz, inp, k)
+    d_w = same_conv_weight_grad(dz, inp, k) if need_w else None
     d_avg = torch.zeros_like(ds)
     d_max = torch.zeros_like(ds)
     for i, g in enumerate(groups):
@@ -183,49 +173,60 @@ def spatial_backward(ds, z, inp, w_sp, sizes, bn, training: bool):
 
 
 class HAMFunction(torch.autograd.Function):
-    """Fused HAM forward and backward (see the module docstring)."""
+    """Fused HAM forward and backward (see the module docstring). Stateless: the parameters and
+    the BatchNorm (``Norm``) come in as arguments; autocast is off inside (the small parts run in
+    fp32, or fp64 for fp64 x)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, beta, w1, w_sp, bn_weight, bn_bias, module, backend):
-        op = passes(backend)
-        C, hw = x.shape[1], tuple(x.shape[2:])
-        sizes = (module.important, C - module.important)
-        mean_c, max_c, arg_c = op["pool_pixels"](x, True)
-        a = channel_attention(mean_c, max_c, alpha, beta, w1)
-        group = ~important_mask(a, module.important)  # True: sub-important
-        avg, mx, arg_g = op["pool_channels"](x, a, group, *sizes)
-        training = module.bn.training
-        inp = spatial_input(avg, mx, hw, sizes)
-        z = spatial_logits(inp, w_sp)
-        s = spatial_gates(z, sizes, module.bn)
-        y = op["gate"](x, a, s, group)
-        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp)
-        ctx.meta = (sizes, training, module.bn, backend)
+    def forward(ctx, x, alpha, beta, w1, w_sp, bn_weight, bn_bias, norm, important, backend):
+        with torch.autocast(x.device.type, enabled=False):
+            op = passes(backend)
+            C, hw = x.shape[1], tuple(x.shape[2:])
+            sizes = (important, C - important)
+            mean_c, max_c, arg_c = op["pool_pixels"](x, True)
+            a = channel_attention(mean_c, max_c, alpha, beta, w1)
+            group = ~important_mask(a, important)  # True: sub-important
+            avg, mx, arg_g = op["pool_channels"](x, a, group, *sizes)
+            inp = spatial_input(avg, mx, hw, sizes)
+            z = spatial_logits(inp, w_sp)
+            s = spatial_gates(z, sizes, norm, bn_weight, bn_bias)
+            y = op["gate"](x, a, s, group)
+        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp,
+                              bn_weight, bn_bias, *norm.to_save())
+        ctx.meta = (sizes, norm.detached(), backend)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp = ctx.saved_tensors
-        sizes, training, bn, backend = ctx.meta
-        op = passes(backend)
-        dy = layout.in_layout_of(dy, x)
-        z = spatial_logits(inp, w_sp)  # recomputed: cheaper than keeping it (2 maps per sample)
-        ds = op["gate_grad_s"](dy, x, a, group)
-        s, d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(ds, z, inp, w_sp, sizes, bn,
-                                                                training)
-        da = op["grad_a"](x, dy, s, group, d_avg, d_max, arg_g, *sizes)
-        d_mean, d_maxc, d_alpha, d_beta, d_w1 = channel_backward(da, a, mean_c, max_c, alpha, beta,
-                                                                 w1)
-        dx = op["grad_x"](dy, a, s, group, d_avg, d_max, arg_g, *sizes, d_mean.contiguous(),
-                          d_maxc.contiguous(), arg_c)
-        return (dx, d_alpha, d_beta, d_w1, d_wsp.to(w_sp.dtype),
-                d_bnw.to(bn.weight.dtype).view_as(bn.weight),
-                d_bnb.to(bn.bias.dtype).view_as(bn.bias), None, None)
+        (x, mean_c, max_c, arg_c, a, group, arg_g, inp, alpha, beta, w1, w_sp, bn_w, bn_b,
+         *stats) = ctx.saved_tensors
+        sizes, norm, backend = ctx.meta
+        norm = norm.restored(stats)
+        need = ctx.needs_input_grad
+        with torch.autocast(x.device.type, enabled=False):
+            op = passes(backend)
+            dy = layout.in_layout_of(dy, x)
+            z = spatial_logits(inp, w_sp)  # recomputed: cheaper than keeping it (2 maps per sample)
+            ds = op["gate_grad_s"](dy, x, a, group)
+            s, d_avg, d_max, d_wsp, d_bnw, d_bnb = spatial_backward(
+                ds, z, inp, w_sp, sizes, norm, bn_w, bn_b, need_w=need[4])
+            da = op["grad_a"](x, dy, s, group, d_avg, d_max, arg_g, *sizes)
+            d_mean, d_maxc, d_alpha, d_beta, d_w1 = channel_backward(da, a, mean_c, max_c, alpha,
+                                                                     beta, w1)
+            dx = None
+            if need[0]:
+                dx = op["grad_x"](dy, a, s, group, d_avg, d_max, arg_g, *sizes,
+                                  d_mean.contiguous(), d_maxc.contiguous(), arg_c)
+        grads = (dx, d_alpha, d_beta, d_w1, None if d_wsp is None else d_wsp.to(w_sp.dtype),
+                 d_bnw.to(bn_w.dtype).view_as(bn_w), d_bnb.to(bn_b.dtype).view_as(bn_b))
+        grads = tuple(g if n else None for g, n in zip(grads, need))
+        return first_order("HAM", grads) + (None, None, None)
 
 
 def ham(module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """Fused HAM forward of ``module`` (a fusedattn.HAM) on x with the passes of ``backend``
     (cpu, cuda or triton)."""
+    bn = module.bn
     return HAMFunction.apply(layout.readable(x), module.alpha, module.beta, module.conv1d.weight,
-                             module.spatial_conv.weight, module.bn.weight, module.bn.bias, module,
-                             backend)
+                             module.spatial_conv.weight, bn.weight, bn.bias, Norm.of(bn),
+                             module.important, backend)

@@ -23,6 +23,7 @@ import torch
 
 from .. import dispatch, reference
 from . import layout
+from .norm import first_order
 
 _FWD = "fusedattn::simam_forward"
 _BWD = "fusedattn::simam_backward"
@@ -80,7 +81,7 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_name: str):
     def backward(ctx, grad_y, grad_mu, grad_inv):
         x, mu, inv = ctx.saved_tensors
-        return _op(bwd_name)(grad_y, x, mu, inv), None
+        return first_order("SimAM", (_op(bwd_name)(grad_y, x, mu, inv), None))
     return backward
 
 

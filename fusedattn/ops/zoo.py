@@ -31,26 +31,9 @@ from torch import nn
 
 from . import layout
 from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
-from .ham import bn_stats, channel_conv, channel_conv_weight_grad
+from .ham import channel_conv, channel_conv_weight_grad
+from .norm import Norm, first_order
 from .passes import passes
-
-
-def batch_norm(bn: nn.Module, z: torch.Tensor, weight, bias, update: bool) -> torch.Tensor:
-    """``bn`` (a BatchNorm over dim 1 of z) as a function of its weight and bias: batch statistics
-    in training (running statistics moved when ``update``, as ``bn.forward`` does), running
-    statistics in eval."""
-    training = bn.training or bn.running_mean is None
-    if training and update and bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
-        rm, rv = bn.running_mean, bn.running_var
-        out = F.batch_norm(z.to(rm.dtype), rm, rv, weight, bias, True, momentum, bn.eps)
-        return out.to(z.dtype)
-    if training:
-        return F.batch_norm(z, None, None, weight, bias, True, 0.0, bn.eps)
-    return F.batch_norm(z, bn.running_mean.to(z.dtype), bn.running_var.to(z.dtype), weight, bias,
-                        False, 0.0, bn.eps)
 
 
 def unpack(params, present, dt):
@@ -67,66 +50,81 @@ def fc(v, w, b):
 
 class ZooFunction(torch.autograd.Function):
     """Fused forward and backward of a module with ``channel_fn`` (and ``spatial`` parts, CBAM);
-    see the module docstring. ``params`` are the module's ``fused_params()``."""
+    see the module docstring. ``params`` are the module's ``fused_params()``, ``norms`` its
+    BatchNorms (``Norm``, by name) at forward time: the backward reads what the forward saved,
+    not the module. Autocast is off inside (the small parts run in fp32, fp64 for fp64 x)."""
 
     @staticmethod
-    def forward(ctx, x, module, backend, *params):
-        op = passes(backend)
-        N, C = x.shape[:2]
-        hw = tuple(x.shape[2:])
-        nc = module.channel_param_count
-        cparams, sparams = params[:nc], params[nc:]
-        mean_c, max_c, arg_c = op["pool_pixels"](x, module.with_max)
-        with torch.no_grad():
-            a = module.channel_fn(mean_c, max_c, cparams, update=True).contiguous()
-        s = inp = arg_s = None
-        if module.spatial_attention:
-            avg, mx, arg_s = op["pool_channels"](x, a, None, C, 0)
-            inp = torch.cat([avg, mx], 1).view(N, 2, *hw)
+    def forward(ctx, x, module, backend, norms, *params):
+        with torch.autocast(x.device.type, enabled=False):
+            op = passes(backend)
+            N, C = x.shape[:2]
+            hw = tuple(x.shape[2:])
+            nc = module.channel_param_count
+            cparams, sparams = params[:nc], params[nc:]
+            mean_c, max_c, arg_c = op["pool_pixels"](x, module.with_max)
             with torch.no_grad():
-                s = module.spatial_fn(inp, sparams).reshape(N, 1, -1).contiguous()
-        y = op["gate"](x, a, s, None)
-        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, inp, arg_s, *params)
-        ctx.meta = (module, backend, nc)
+                a = module.channel_fn(mean_c, max_c, cparams, norms, update=True).contiguous()
+            s = inp = arg_s = None
+            if module.spatial_attention:
+                avg, mx, arg_s = op["pool_channels"](x, a, None, C, 0)
+                inp = torch.cat([avg, mx], 1).view(N, 2, *hw)
+                with torch.no_grad():
+                    s = module.spatial_fn(inp, sparams, norms).reshape(N, 1, -1).contiguous()
+            y = op["gate"](x, a, s, None)
+        names = sorted(norms)
+        stats = [t for k in names for t in norms[k].to_save()]
+        ctx.save_for_backward(x, mean_c, max_c, arg_c, a, inp, arg_s, *params, *stats)
+        ctx.meta = (module, backend, nc, len(params), {k: norms[k].detached() for k in names})
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_c, max_c, arg_c, a, inp, arg_s, *params = ctx.saved_tensors
-        module, backend, nc = ctx.meta
+        x, mean_c, max_c, arg_c, a, inp, arg_s, *rest = ctx.saved_tensors
+        module, backend, nc, n_params, norms = ctx.meta
+        params, stats = rest[:n_params], iter(rest[n_params:])
+        norms = {k: n.restored([next(stats) for _ in n.to_save()]) for k, n in norms.items()}
         cparams, sparams = params[:nc], params[nc:]
-        op = passes(backend)
-        N, C = x.shape[:2]
-        dy = layout.in_layout_of(dy, x)
-        d_sparams = []
-        if module.spatial_attention:
-            ds = op["gate_grad_s"](dy, x, a, None)
-            s, d_inp, d_sparams = module.spatial_backward(ds, inp, sparams)
-            d_avg = d_inp[:, 0].reshape(N, 1, -1).contiguous()
-            d_mx = d_inp[:, 1].reshape(N, 1, -1).contiguous()
-            da = op["grad_a"](x, dy, s, None, d_avg, d_mx, arg_s, C, 0)
-            maps = (s, None, d_avg, d_mx, arg_s)
-        else:
-            da = op["grad_a"](x, dy, None, None, None, None, None, C, 0)
-            maps = (None, None, None, None, None)
-        d_mean, d_max, d_cparams = module.channel_backward(da, mean_c, max_c, cparams)
-        pixel_max = (d_max.contiguous(), arg_c) if module.with_max else (None, None)
-        dx = op["grad_x"](dy, a, *maps, C, 0, d_mean.contiguous(), *pixel_max)
-        return (dx, None, None, *d_cparams, *d_sparams)
+        with torch.autocast(x.device.type, enabled=False):
+            op = passes(backend)
+            N, C = x.shape[:2]
+            dy = layout.in_layout_of(dy, x)
+            d_sparams = []
+            if module.spatial_attention:
+                ds = op["gate_grad_s"](dy, x, a, None)
+                s, d_inp, d_sparams = module.spatial_backward(ds, inp, sparams, norms)
+                d_avg = d_inp[:, 0].reshape(N, 1, -1).contiguous()
+                d_mx = d_inp[:, 1].reshape(N, 1, -1).contiguous()
+                da = op["grad_a"](x, dy, s, None, d_avg, d_mx, arg_s, C, 0)
+                maps = (s, None, d_avg, d_mx, arg_s)
+            else:
+                da = op["grad_a"](x, dy, None, None, None, None, None, C, 0)
+                maps = (None, None, None, None, None)
+            d_mean, d_max, d_cparams = module.channel_backward(da, mean_c, max_c, cparams, norms)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                pixel_max = (d_max.contiguous(), arg_c) if module.with_max else (None, None)
+                dx = op["grad_x"](dy, a, *maps, C, 0, d_mean.contiguous(), *pixel_max)
+        grads = (dx, *d_cparams, *d_sparams)
+        need = ctx.needs_input_grad
+        grads = tuple(g if n else None for g, n in zip(grads, (need[0], *need[4:])))
+        out = first_order(type(module).__name__, grads)
+        return (out[0], None, None, None, *out[1:])
 
 
 def zoo(module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """Fused forward of ``module`` (fusedattn.SE, ECA or CBAM) on x with the passes of
     ``backend`` (cpu, cuda or triton)."""
-    return ZooFunction.apply(layout.readable(x), module, backend, *module.fused_params())
+    return ZooFunction.apply(layout.readable(x), module, backend, module.norms(),
+                             *module.fused_params())
 
 
 # ----------------------------------------------------------------------------- channel parts
 
-def channel_vjp(module, da, mean_c, max_c, params):
+def channel_vjp(module, da, mean_c, max_c, params, norms):
     """Gradients of ``module.channel_fn`` by torch.func.vjp of its recomputation (the options
     without a hand-written backward): d_mean_c, d_max_c, [d_param...]."""
-    _, vjp = torch.func.vjp(lambda m, mx, *p: module.channel_fn(m, mx, p, update=False),
+    _, vjp = torch.func.vjp(lambda m, mx, *p: module.channel_fn(m, mx, p, norms, update=False),
                             mean_c, max_c, *params)
     d_mean, d_max, *d_params = vjp(da)
     return d_mean, d_max, d_params
@@ -197,25 +195,22 @@ def eca_channel_backward(gate, da, mean_c, w):
 
 # ----------------------------------------------------------------------------- CBAM's spatial part
 
-def spatial_fn(conv_bn, gate, inp, params):
-    """s = gate(bn(conv_k(inp))) of CBAM's spatial attention (forward: BatchNorm through the
-    module, so its running statistics move once, as in the eager module)."""
-    w = params[0].to(inp.dtype)
-    z = same_conv(inp, w)
-    bn = conv_bn.bn
-    b = bn(z.to(bn.weight.dtype)).to(z.dtype)
-    return gate(b)
+def spatial_fn(gate, inp, params, norm: Norm):
+    """s = gate(bn(conv_k(inp))) of CBAM's spatial attention (forward: the BatchNorm's running
+    statistics move once, as in the eager module)."""
+    w_sp, bn_w, bn_b = params
+    z = same_conv(inp, w_sp.to(inp.dtype))
+    return gate(norm.forward(z.to(bn_w.dtype), bn_w, bn_b).to(z.dtype))
 
 
-def spatial_backward(conv_bn, gate, ds, inp, params):
+def spatial_backward(gate, ds, inp, params, norm: Norm):
     """CBAM's spatial part again from the conv's input (BatchNorm without touching its running
     statistics) and its gradients by hand: s (N, 1, P), d_inp (N, 2, H, W), [d_conv_weight,
     d_bn_weight, d_bn_bias]."""
     w_sp, bn_w, bn_b = params
-    bn = conv_bn.bn
     dt = inp.dtype
     z = same_conv(inp, w_sp.to(dt))
-    mean, rstd = bn_stats(z, bn, bn.training)
+    mean, rstd = norm.stats(z)
     xhat = (z - mean) * rstd
     gamma = bn_w.to(dt)
     b = xhat * gamma + bn_b.to(dt)
@@ -224,7 +219,7 @@ def spatial_backward(conv_bn, gate, ds, inp, params):
     d_gamma = (db * xhat).sum()
     d_beta = db.sum()
     dxhat = db * gamma
-    if bn.training or bn.running_mean is None:
+    if norm.batch_stats:
         dxhat = dxhat - dxhat.mean() - xhat * (dxhat * xhat).mean()
     dz = dxhat * rstd
     d_inp = same_conv_input_grad(dz, w_sp.to(dt))
