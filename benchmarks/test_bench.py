@@ -7,7 +7,10 @@ Same providers (eager baseline, torch.compile, fused, clone) and modes (fwd, bwd
 training, infer in eval under no_grad) as ``python -m fusedattn.bench``, on one small shape per op
 so that the run stays quick (``python -m fusedattn.bench`` runs the real shapes, interleaves the
 providers and also reports memory; this file is for pytest-benchmark's comparison and history
-tools). An op whose fused module does not exist (yet) is skipped."""
+tools). An op whose fused module does not exist (yet) is skipped.
+
+``test_models_smoke`` runs the model benchmark (``python -m fusedattn.bench --models``) end to end
+on tiny settings (``pytest benchmarks/test_bench.py -k models``; ``--benchmark-only`` skips it)."""
 import pytest
 import torch
 
@@ -44,3 +47,36 @@ def test_bench(benchmark, op, mode, provider):
         benchmark.pedantic(call, setup=lambda: call.prepare(1), rounds=10)
     else:
         benchmark.pedantic(lambda: (call(), bench._sync(DEVICE)), rounds=10, warmup_rounds=1)
+
+
+def test_models_smoke(tmp_path):
+    """``python -m fusedattn.bench --models`` end to end on tiny settings (ResNet-18 with SimAM and
+    HAM vs plain ResNet-18, batch 1, 64x64, 1 round): it writes models_cpu.{md,json,png} with the
+    share table's columns, and its output check found eager and fused logits equal."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("matplotlib")
+    import json
+
+    from fusedattn import bench_models
+    rc = bench.main(["--models", "tv_resnet18_simam_ham,tv_resnet18", "--device", "cpu",
+                     "--batch", "1", "--size", "64", "--rounds", "1", "--warmup", "0",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"models_cpu.{ext}").stat().st_size > 0
+    md = (tmp_path / "models_cpu.md").read_text()
+    for col in ("plain ms", "eager ms", "fused ms", "eager share ms", "fused share ms",
+                "time ratio", "eager MiB", "fused MiB", "eager share MiB", "fused share MiB",
+                "memory ratio", "eager peak MiB", "fused peak MiB"):
+        assert f"| {col} |" in md, col
+    assert "| tv_resnet18_simam_ham (tv_resnet18) | train |" in md
+    assert "| tv_resnet18 | infer |" in md
+    res = json.loads((tmp_path / "models_cpu.json").read_text())
+    assert [(s["model"], s["mode"]) for s in res["shares"]] == [
+        ("tv_resnet18_simam_ham", m) for m in bench_models.MODES]
+    assert {(r["model"], r["role"]) for r in res["rows"]} == {
+        ("tv_resnet18", "plain"), ("tv_resnet18_simam_ham", "eager"),
+        ("tv_resnet18_simam_ham", "fused")}
+    assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in res["rows"])
+    (group,) = res["groups"]
+    assert group["convert"]["swapped"] == 16 and group["check"]["logits_max_diff"] < 1e-4

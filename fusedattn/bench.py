@@ -4,6 +4,7 @@
     python -m fusedattn.bench --ops se,cbam    # some of them
     python -m fusedattn.bench --quick          # fewer rounds, two shapes, contiguous only
     python -m fusedattn.bench --device cuda --dtypes fp16,bf16,fp32
+    python -m fusedattn.bench --models         # whole models, eager vs convert(): bench_models.py
 
 Ops and providers come from ``fusedattn.registry.OPS``: eager is the module a user holds
 (``Op.baseline_module``: timm's SEModule / EcaModule / CbamModule where there is one, else our
@@ -465,8 +466,12 @@ def parse(argv):
     ap.add_argument("--e-lambda", type=float, default=1e-4)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    from fusedattn import bench_models
+    bench_models.add_arguments(ap)  # --models and its options
     args = ap.parse_args(argv)
     args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if args.models is not None:
+        bench_models.check_args(ap, args)
     unknown = [o for o in args.ops.split(",") if o not in registry.OPS]
     if unknown and not args.peak_child:
         ap.error(f"unknown op(s) {', '.join(unknown)}; expected some of {', '.join(registry.OPS)}")
@@ -500,9 +505,13 @@ def _unavailable(op: str, device: torch.device, backend) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
     if args.peak_child:
         return _peak_child(args.peak_child)
+    if args.models is not None:
+        from fusedattn import bench_models
+        return bench_models.main(args, argv)
     device = torch.device(args.device)
     import fusedattn
     period = len(round_orders(len(PROVIDERS)))
