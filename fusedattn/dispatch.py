@@ -13,6 +13,18 @@ Ops are named by their public names (``fusedattn.registry.OPS``: "simam", "ham",
 environment variable ``FUSEDATTN_BACKEND`` must run, or the op raises
 :class:`BackendUnavailable` with the reason: nothing falls back silently.
 :func:`last_backend` tells which backend the last call of an op used (``eager`` included).
+:func:`backends` says, per op, which backends run here and why the others do not.
+
+The choice is a :class:`contextvars.ContextVar`: :func:`use_backend` holds for the thread (and
+the asyncio task) that entered it, never for another one; a new thread starts from the process
+default. ``FUSEDATTN_BACKEND`` is that process default, read once, when fusedattn is imported (a
+later change of ``os.environ`` is not honoured; the next op call warns about it once).
+
+torch.compile: a compiled function reads the choice as eager code does, and dynamo guards on the
+value it read (it traces ``ContextVar.get()`` and installs a guard on the result), so after
+``use_backend`` changes the choice the function recompiles for the new backend (each choice is
+compiled once and cached, like any guarded value). What the default picks for a device type is
+fixed for the process.
 
 Export: ``torch.export`` and ``torch.compile`` record the fused ops. ``torch.jit.trace`` and
 ``torch.onnx.export`` record the eager reference's math instead (standard ATen / ONNX ops, so the
@@ -23,6 +35,7 @@ then says ``eager``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -101,7 +114,7 @@ def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedattn::{op}", key)
 
 
-def status(name: str, op: str = "simam") -> Status:
+def status(name: str, op: str) -> Status:
     """Whether backend ``name`` can run ``op`` (a public op name) on this machine, and if not,
     why."""
     entry = registry.get(op)
@@ -140,35 +153,65 @@ def status(name: str, op: str = "simam") -> Status:
     raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
 
 
-def backends() -> dict[str, Status]:
-    """Every backend with whether it can run here and, for the others, why not."""
-    return {name: status(name) for name in NAMES}
+def backends(op: str | None = None) -> dict:
+    """Which backends can run here, and for the others why not, per public op: ``backends()``
+    gives ``{op: {backend: Status}}`` for every op of :data:`fusedattn.registry.OPS`;
+    ``backends("ham")`` the ``{backend: Status}`` of one op.
+
+    Per op, because the answer belongs to one op: the native backends run an op when
+    ``fusedattn._C`` has a kernel registered for it (a build from before the op was added has
+    none), ``triton`` when the op has Triton kernels. A backend available for one op says nothing
+    about another."""
+    if op is not None:
+        return {name: status(name, op) for name in NAMES}  # status: ValueError for an unknown op
+    return {name: backends(name) for name in registry.OPS}
 
 
-_chosen: list[str] = []  # stack of use_backend() choices
-_last: dict[str, str] = {}
+def _env_choice() -> str | None:
+    return os.environ.get("FUSEDATTN_BACKEND", "").strip() or None
+
+
+_ENV = _env_choice()  # the process default, read once (see the module docstring)
+# This thread's / asyncio task's choice: the innermost use_backend(), else FUSEDATTN_BACKEND. Read
+# in traced code (select()): dynamo guards on its value.
+_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedattn_backend",
+                                                                       default=_ENV)
+_env_warned: set = set()
+
+
+class _Last:
+    """The backend of each op's last call, an attribute per op. Compiled functions set it too (a
+    side effect that dynamo replays at each call); an attribute store, unlike a dict store, puts
+    no guard on the other ops' entries, so an eager call of another op recompiles nothing."""
+
+
+_last = _Last()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run fused ops inside the block on backend ``name`` (raises if it cannot run them)."""
+    """Run fused ops inside the block on backend ``name`` (raises if it cannot run them). The
+    choice holds for the calling thread (and asyncio task) only; blocks nest. A compiled function
+    called inside the block recompiles for the choice (once per choice; then it is cached)."""
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
-    _chosen.append(name)
+    token = _choice.set(name)
     try:
         yield
     finally:
-        _chosen.pop()
+        _choice.reset(token)
+
+
+def _check_choice(name: str | None) -> str | None:
+    if name is not None and name not in NAMES:  # use_backend() checks its names: the variable's
+        raise ValueError(f"FUSEDATTN_BACKEND={name!r} is not a backend; expected one of {NAMES}")
+    return name
 
 
 def chosen() -> str | None:
-    """The explicitly chosen backend: innermost use_backend(), else FUSEDATTN_BACKEND."""
-    if _chosen:
-        return _chosen[-1]
-    name = os.environ.get("FUSEDATTN_BACKEND", "").strip()
-    if name and name not in NAMES:
-        raise ValueError(f"FUSEDATTN_BACKEND={name!r} is not a backend; expected one of {NAMES}")
-    return name or None
+    """This thread's explicitly chosen backend: the innermost use_backend(), else
+    FUSEDATTN_BACKEND (as read at import), else None."""
+    return _check_choice(_choice.get())
 
 
 def _runs_on(name: str, device: torch.device) -> str:
@@ -197,23 +240,40 @@ def exporting() -> str:
 
 def select(op: str, x: torch.Tensor) -> str:
     """The backend that runs ``op`` (a public op name) on ``x``: ``eager`` while a graph is
-    recorded for TorchScript or ONNX (see the module docstring). Under torch.compile the choice is
-    made once, when the graph is traced."""
+    recorded for TorchScript or ONNX (see the module docstring).
+
+    Under torch.compile this runs when dynamo traces: the choice is read here, outside
+    ``_select``, so that dynamo guards on its value (a compiled function recompiles when
+    use_backend changes it), and ``_select`` (an assumed constant) decides from the choice and
+    the device type. Noting the backend for :func:`last_backend` is an attribute store, a side
+    effect that dynamo replays at every call of the compiled function."""
     if exporting():
         return _record(op, "eager")
-    return _select(op, x.device.type)
+    if not torch.compiler.is_compiling():
+        _warn_env_changed()
+    return _record(op, _select(op, x.device.type, _choice.get()))
+
+
+def _warn_env_changed() -> None:
+    now = _env_choice()
+    if now != _ENV and now not in _env_warned:
+        _env_warned.add(now)
+        warnings.warn(f"fusedattn: FUSEDATTN_BACKEND is now {now!r}, but it is read once, when "
+                      f"fusedattn is imported ({_ENV!r} then), and that stays the default; use "
+                      f"fusedattn.use_backend(...) to choose a backend while running",
+                      stacklevel=4)
 
 
 @torch.compiler.assume_constant_result
-def _select(op: str, device_type: str) -> str:
+def _select(op: str, device_type: str, name: str | None) -> str:
     device = torch.device(device_type)
-    name = chosen()
+    name = _check_choice(name)
     if name is not None:
         st = status(name, op)
         why = _runs_on(name, device) or (st.reason if not st.available else "")
         if why:
             raise BackendUnavailable(f"fusedattn: backend {name!r} cannot run {op}: {why}")
-        return _record(op, name)
+        return name
     reasons = []
     for name in _DEFAULT_ORDER.get(device_type, ()):
         st = status(name, op)
@@ -221,7 +281,7 @@ def _select(op: str, device_type: str) -> str:
             if reasons:
                 warnings.warn(f"fusedattn: {op} runs on backend {name!r} because "
                               + "; ".join(reasons), stacklevel=4)
-            return _record(op, name)
+            return name
         reasons.append(f"{name!r} cannot run: {st.reason or _runs_on(name, device)}")
     raise BackendUnavailable(
         f"fusedattn: no fused backend runs {op} on a {device_type} tensor here"
@@ -230,7 +290,7 @@ def _select(op: str, device_type: str) -> str:
 
 
 def _record(op: str, name: str) -> str:
-    _last[op] = name
+    setattr(_last, op, name)
     return name
 
 
@@ -241,5 +301,5 @@ def record(op: str, name: str) -> None:
 
 def last_backend(op: str = "simam") -> str | None:
     """The backend that the last call of ``op`` (a public op name: "simam", "ham", "se", "eca",
-    "cbam") ran on (None before any call)."""
-    return _last.get(registry.get(op).name)
+    "cbam") ran on, in any thread (None before any call); calls of compiled functions included."""
+    return getattr(_last, registry.get(op).name, None)

@@ -281,11 +281,9 @@ def test_nan_counts_as_largest(k, device, channels_last, dtype, grouped):
 def _force_splits(k, monkeypatch, split):
     if split:
         monkeypatch.setattr(k, "MIN_SPLIT", 1)
-        monkeypatch.setattr(k, "DEFAULT_SMS", 10**6)
-        monkeypatch.setattr(k, "_sm_counts", {i: 10**6 for i in range(16)})
+        monkeypatch.setattr(k, "TARGET_PROGRAMS", 10**9)
     else:
-        monkeypatch.setattr(k, "DEFAULT_SMS", 0)
-        monkeypatch.setattr(k, "_sm_counts", {i: 0 for i in range(16)})
+        monkeypatch.setattr(k, "TARGET_PROGRAMS", 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -311,7 +309,7 @@ def test_loops_and_splits(k, device, split, monkeypatch):
         inp = make_inputs(shape, dtype, cl, k1=k1, x=x)
         check_all(k, inp, device, dtype)
     # the split really happened (or not)
-    S, _ = k.splits(1, 10_000, 64, torch.device("cpu"))
+    S, _ = k.splits(1, 10_000, 64)
     assert (S > 1) == split
 
 
@@ -486,12 +484,14 @@ def test_launches_are_aot_variants(k, monkeypatch):
 
 
 def test_splits_rule(k):
-    cpu = torch.device("cpu")
-    assert k.splits(10**6, 10**6, 64, cpu) == (1, triton_cdiv(10**6, 64) * 64)  # enough programs
-    assert k.splits(4, 100, 64, cpu)[0] == 1                                      # short axis
-    S, split = k.splits(4, 100_000, 64, cpu)
+    assert k.splits(10**6, 10**6, 64) == (1, triton_cdiv(10**6, 64) * 64)  # enough programs
+    assert k.splits(4, 100, 64)[0] == 1                                      # short axis
+    S, split = k.splits(4, 100_000, 64)
     assert S > 1 and split % 64 == 0 and (S - 1) * split < 100_000 <= S * split
     assert split >= k.MIN_SPLIT
+    # a function of the shape alone (no device, no SM count): every GPU splits, and adds, alike
+    assert list(inspect.signature(k.splits).parameters) == ["programs", "extent", "block"]
+    assert k.TARGET_PROGRAMS == 1024 and (S, split) == (224, 448)
 
 
 def triton_cdiv(a, b):

@@ -42,14 +42,19 @@ fixed order, and reduce the tile once at the end: sums in ACC; maxima as (value,
 with a strict ``>`` (the earlier index wins ties) where NaN counts as the largest value (the first
 NaN wins), as torch.max and the CPU op do; the final reduction of the lanes takes the lanes equal
 to the max (or NaN when there is one) and the smallest index among them, which is exact.
-When the tiles of one sample give too few programs to fill the GPU (a small batch, or few rows
-to reduce over a long axis), the reduced axis is split into ``S`` contiguous ranges of whole
-tiles: program ``s`` writes its partial state to a workspace ``(S, R)`` and ``_combine_kernel``
-merges the ranges in order (sums in order, maxima with the same rule), so results stay
-deterministic; with ``S = 1`` the kernel writes the final outputs directly. No atomics.
+When the tiles give fewer than ``TARGET_PROGRAMS`` programs (a small batch, or few rows to
+reduce over a long axis), the reduced axis is split into ``S`` contiguous ranges of whole tiles:
+program ``s`` writes its partial state to a workspace ``(S, R)`` and ``_combine_kernel`` merges
+the ranges in order (sums in order, maxima with the same rule), so results stay deterministic;
+with ``S = 1`` the kernel writes the final outputs directly. No atomics. The split, like the
+tile, depends on the shape and dtype only, never on the GPU (its SM count): every GPU runs the
+same programs and adds in the same order.
+
+Launches go to x's device and its current stream (``on_device``).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -59,9 +64,11 @@ import triton.language as tl
 
 NUM_WARPS = 4
 CONTIG_BLOCK = 64           # tile extent along the unit-stride axis, in elements
-PROGRAMS_PER_SM = 8         # programs a reduction should offer per SM before it is not split
+TARGET_PROGRAMS = 1024      # programs a reduction offers before it is not split (~8 per SM of an
+                            # H100/H200's 132, ~9.5 of an A100's 108); a constant, not the SM
+                            # count, so that the split, and with it the order of the additions,
+                            # is the same on every GPU
 MIN_SPLIT = 256             # elements of the reduced axis each split range covers at least
-DEFAULT_SMS = 132           # when no CUDA device says (the interpreter on CPU tensors)
 COMBINE_BLOCK = 512         # outputs per program of the split combine
 
 
@@ -777,24 +784,21 @@ def _check_maps(x, geo: _Geom, ng: int, s, d_avg, d_max, argmax, op: str) -> boo
     return True
 
 
-_sm_counts: dict = {}
+def on_device(x: torch.Tensor):
+    """The context of a launch for ``x``: Triton 3 launches on torch's current CUDA device, on that
+    device's current stream (``torch.cuda.current_device()``, ``torch.cuda.current_stream()``), so
+    x's device is made current for the launch; the stream is then x's device's current stream,
+    the one torch's own ops on x use. Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _sm_counts:
-        _sm_counts[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _sm_counts[key]
-
-
-def splits(programs: int, extent: int, block: int, device: torch.device) -> tuple[int, int]:
+def splits(programs: int, extent: int, block: int) -> tuple[int, int]:
     """(S, SPLIT): split a reduced axis of ``extent`` elements, tiled by ``block``, into S ranges
     of SPLIT elements (a multiple of block, none empty) when ``programs`` unsplit programs are fewer
-    than PROGRAMS_PER_SM per SM; each range covers at least MIN_SPLIT elements."""
+    than TARGET_PROGRAMS; each range covers at least MIN_SPLIT elements. A function of the shape
+    only: the same on every GPU."""
     tiles = triton.cdiv(extent, block)
-    target = PROGRAMS_PER_SM * _sm_count(device)
+    target = TARGET_PROGRAMS
     per_min = max(1, triton.cdiv(MIN_SPLIT, block))
     want = min(triton.cdiv(target, max(programs, 1)), tiles // per_min)
     if programs >= target or want <= 1:
@@ -815,10 +819,10 @@ def _reduction_launch(geo: _Geom, x: torch.Tensor, name: str, flags: dict, over_
     cfg, kw = _launch_args(geo, x, name, flags)
     if over_pixels:
         programs = geo.N * triton.cdiv(geo.C, cfg.block_c)
-        S, split = splits(programs, geo.P, cfg.block_p, x.device)
+        S, split = splits(programs, geo.P, cfg.block_p)
     else:
         programs = geo.N * triton.cdiv(geo.P, cfg.block_p)
-        S, split = splits(programs, geo.C, cfg.block_c, x.device)
+        S, split = splits(programs, geo.C, cfg.block_c)
     return (programs * S,), S, split, kw
 
 
@@ -880,11 +884,12 @@ def pool_pixels(x: torch.Tensor, with_max: bool):
         outs = _partials(S, mean, mx, arg)
     else:
         outs = (*_partials(S, mean), None, None)
-    _pool_pixels_kernel[grid](x, *outs, geo.C, geo.P, S, split, geo.N * geo.C,
-                              geo.P if S == 1 else 1, **kw)
-    if S > 1:
-        _combine(1, *outs, mean, mx if with_max else None, arg if with_max else None, S, P=geo.P,
-                 has_max=with_max)
+    with on_device(x):
+        _pool_pixels_kernel[grid](x, *outs, geo.C, geo.P, S, split, geo.N * geo.C,
+                                  geo.P if S == 1 else 1, **kw)
+        if S > 1:
+            _combine(1, *outs, mean, mx if with_max else None, arg if with_max else None, S,
+                     P=geo.P, has_max=with_max)
     return mean, mx, arg
 
 
@@ -906,10 +911,11 @@ def pool_channels(x: torch.Tensor, a: torch.Tensor, group: torch.Tensor | None, 
         return avg, mx, arg
     grid, S, split, kw = _reduction_launch(geo, x, op, {"G": ng}, over_pixels=False)
     outs = _partials(S, avg, mx, arg)
-    _pool_channels_kernel[grid](x, a, _u8(group), *outs, geo.C, geo.P, S, split,
-                                geo.N * ng * geo.P, size0, size1, **kw)
-    if S > 1:
-        _combine(2, *outs, avg, mx, arg, S, P=geo.P, size0=size0, size1=size1, groups=ng)
+    with on_device(x):
+        _pool_channels_kernel[grid](x, a, _u8(group), *outs, geo.C, geo.P, S, split,
+                                    geo.N * ng * geo.P, size0, size1, **kw)
+        if S > 1:
+            _combine(2, *outs, avg, mx, arg, S, P=geo.P, size0=size0, size1=size1, groups=ng)
     return avg, mx, arg
 
 
@@ -929,7 +935,8 @@ def gate(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor | None,
     has_s = s is not None
     flags = {"G": ng if has_s else 1, "HAS_S": has_s}
     grid, kw = _elementwise_launch(geo, x, op, flags)
-    _gate_kernel[grid](x, a, s, _u8(group) if has_s else None, y, geo.C, geo.P, **kw)
+    with on_device(x):
+        _gate_kernel[grid](x, a, s, _u8(group) if has_s else None, y, geo.C, geo.P, **kw)
     return y
 
 
@@ -948,10 +955,11 @@ def gate_grad_s(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
         return ds
     grid, S, split, kw = _reduction_launch(geo, x, op, {"G": ng}, over_pixels=False)
     out, = _partials(S, ds)
-    _gate_grad_s_kernel[grid](dy, x, a, _u8(group), out, geo.C, geo.P, S, split,
-                              geo.N * ng * geo.P, **kw)
-    if S > 1:
-        _combine(0, out, None, None, ds, None, None, S, has_max=False)
+    with on_device(x):
+        _gate_grad_s_kernel[grid](dy, x, a, _u8(group), out, geo.C, geo.P, S, split,
+                                  geo.N * ng * geo.P, **kw)
+        if S > 1:
+            _combine(0, out, None, None, ds, None, None, S, has_max=False)
     return ds
 
 
@@ -974,10 +982,11 @@ def grad_a(x: torch.Tensor, dy: torch.Tensor, s: torch.Tensor | None, group: tor
     flags = {"G": ng if maps else 1, "HAS_MAPS": maps}
     grid, S, split, kw = _reduction_launch(geo, x, op, flags, over_pixels=True)
     out, = _partials(S, da)
-    _grad_a_kernel[grid](x, dy, s, _u8(group) if maps else None, d_avg, d_max, argmax, out,
-                         geo.C, geo.P, S, split, geo.N * geo.C, size0, size1, **kw)
-    if S > 1:
-        _combine(0, out, None, None, da, None, None, S, has_max=False)
+    with on_device(x):
+        _grad_a_kernel[grid](x, dy, s, _u8(group) if maps else None, d_avg, d_max, argmax, out,
+                             geo.C, geo.P, S, split, geo.N * geo.C, size0, size1, **kw)
+        if S > 1:
+            _combine(0, out, None, None, da, None, None, S, has_max=False)
     return da
 
 
@@ -1008,6 +1017,7 @@ def grad_x(dy: torch.Tensor, a: torch.Tensor, s: torch.Tensor | None, group: tor
         return dx
     flags = {"G": ng if maps else 1, "HAS_MAPS": maps, "HAS_PIXEL_MAX": pixel_max}
     grid, kw = _elementwise_launch(geo, dy, op, flags)
-    _grad_x_kernel[grid](dy, a, s, _u8(group) if maps else None, d_avg, d_max, argmax, d_mean_c,
-                         d_max_c, argmax_c, dx, geo.C, geo.P, size0, size1, **kw)
+    with on_device(dy):
+        _grad_x_kernel[grid](dy, a, s, _u8(group) if maps else None, d_avg, d_max, argmax,
+                             d_mean_c, d_max_c, argmax_c, dx, geo.C, geo.P, size0, size1, **kw)
     return dx

@@ -17,6 +17,7 @@ fp32 (fp64 for fp64 inputs); no atomics, so results are bitwise deterministic.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -257,13 +258,29 @@ def _acc(dtype: torch.dtype):
 _scalars: dict = {}
 
 
+def on_device(x: torch.Tensor):
+    """The context of a launch for ``x``: Triton 3 launches on torch's current CUDA device, on that
+    device's current stream (``torch.cuda.current_device()``, ``torch.cuda.current_stream()``), so
+    x's device is made current for the launch; the stream is then x's device's current stream,
+    the one torch's own ops on x use. Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A cached one-element tensor (Triton passes Python floats as fp32; lambda must reach fp64
-    kernels in full precision)."""
+    kernels in full precision). A CUDA one is filled on the current stream, which is synchronised
+    once, so that kernels on any stream read it filled; under CUDA graph capture it is made per
+    call (the fill is captured with the launch)."""
     key = (value, dtype, device)
-    if key not in _scalars:
-        _scalars[key] = torch.full((1,), value, dtype=dtype, device=device)
-    return _scalars[key]
+    t = _scalars.get(key)
+    if t is None:
+        t = torch.full((1,), value, dtype=dtype, device=device)
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                return t
+            torch.cuda.current_stream(device).synchronize()
+        _scalars[key] = t
+    return t
 
 
 def _geometry(x: torch.Tensor):
@@ -277,7 +294,8 @@ def _geometry(x: torch.Tensor):
 
 
 def forward(x: torch.Tensor, e_lambda: float):
-    """(y, mu, inv) for ``x`` in a readable layout (see fusedattn.ops.layout)."""
+    """(y, mu, inv) for ``x`` in a readable layout (see fusedattn.ops.layout). The launch is on x's
+    device and its current stream (on_device)."""
     N, C, M, s_n, s_c, s_m, cl = _geometry(x)
     y = torch.empty_like(x)
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -287,22 +305,25 @@ def forward(x: torch.Tensor, e_lambda: float):
         return y, mu, inv
     cfg = config(C, M, cl, x.element_size())
     grid = (N * triton.cdiv(C, cfg.block_p),)
-    lam = _scalar(float(e_lambda), stat, x.device)
-    _simam_fwd_kernel[grid](x, y, mu, inv, lam, C, M, s_n, s_c, s_m, max(M - 1, 1),
-                            BLOCK_P=cfg.block_p, BLOCK_M=cfg.block_m, ONCHIP=cfg.onchip,
-                            ACC=_acc(x.dtype), num_warps=cfg.num_warps)
+    with on_device(x):
+        lam = _scalar(float(e_lambda), stat, x.device)
+        _simam_fwd_kernel[grid](x, y, mu, inv, lam, C, M, s_n, s_c, s_m, max(M - 1, 1),
+                                BLOCK_P=cfg.block_p, BLOCK_M=cfg.block_m, ONCHIP=cfg.onchip,
+                                ACC=_acc(x.dtype), num_warps=cfg.num_warps)
     return y, mu, inv
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, inv: torch.Tensor):
-    """dx for ``x`` in a readable layout and ``g`` in exactly x's strides."""
+    """dx for ``x`` in a readable layout and ``g`` in exactly x's strides, on x's device and its
+    current stream."""
     N, C, M, s_n, s_c, s_m, cl = _geometry(x)
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
     cfg = config(C, M, cl, x.element_size())
     grid = (N * triton.cdiv(C, cfg.block_p),)
-    _simam_bwd_kernel[grid](g, x, mu.contiguous(), inv.contiguous(), dx, C, M, s_n, s_c, s_m,
-                            max(M - 1, 1), BLOCK_P=cfg.block_p, BLOCK_M=cfg.block_m,
-                            ONCHIP=cfg.onchip, ACC=_acc(x.dtype), num_warps=cfg.num_warps)
+    with on_device(x):
+        _simam_bwd_kernel[grid](g, x, mu.contiguous(), inv.contiguous(), dx, C, M, s_n, s_c, s_m,
+                                max(M - 1, 1), BLOCK_P=cfg.block_p, BLOCK_M=cfg.block_m,
+                                ONCHIP=cfg.onchip, ACC=_acc(x.dtype), num_warps=cfg.num_warps)
     return dx
