@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import layout
 from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
-from .norm import Norm, first_order
+from .norm import Norm, first_order, no_autocast
 from .passes import passes
 
 # ----------------------------------------------------------------------------- small branches
@@ -179,7 +179,7 @@ class HAMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, beta, w1, w_sp, bn_weight, bn_bias, norm, important, backend):
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             op = passes(backend)
             C, hw = x.shape[1], tuple(x.shape[2:])
             sizes = (important, C - important)
@@ -203,7 +203,7 @@ class HAMFunction(torch.autograd.Function):
         sizes, norm, backend = ctx.meta
         norm = norm.restored(stats)
         need = ctx.needs_input_grad
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             op = passes(backend)
             dy = layout.in_layout_of(dy, x)
             z = spatial_logits(inp, w_sp)  # recomputed: cheaper than keeping it (2 maps per sample)

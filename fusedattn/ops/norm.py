@@ -13,6 +13,7 @@ tracked; in eval, the running statistics, or batch statistics when there are non
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -81,6 +82,14 @@ class Norm:
             return self
         rm, rv = saved
         return replace(self, running_mean=rm, running_var=rv)
+
+
+def no_autocast(x: torch.Tensor):
+    """Autocast off for x's device while it is on (the fused functions pick their dtypes
+    themselves); nothing otherwise, so that exported graphs carry no autocast region."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def first_order(name: str, grads: tuple) -> tuple:

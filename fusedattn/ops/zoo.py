@@ -32,7 +32,7 @@ from torch import nn
 from . import layout
 from .conv import same_conv, same_conv_input_grad, same_conv_weight_grad
 from .ham import channel_conv, channel_conv_weight_grad
-from .norm import Norm, first_order
+from .norm import Norm, first_order, no_autocast
 from .passes import passes
 
 
@@ -56,7 +56,7 @@ class ZooFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module, backend, norms, *params):
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             op = passes(backend)
             N, C = x.shape[:2]
             hw = tuple(x.shape[2:])
@@ -85,7 +85,7 @@ class ZooFunction(torch.autograd.Function):
         params, stats = rest[:n_params], iter(rest[n_params:])
         norms = {k: n.restored([next(stats) for _ in n.to_save()]) for k, n in norms.items()}
         cparams, sparams = params[:nc], params[nc:]
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             op = passes(backend)
             N, C = x.shape[:2]
             dy = layout.in_layout_of(dy, x)
