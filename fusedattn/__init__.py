@@ -2,7 +2,7 @@
 
     from fusedattn import SimAM, simam, HAM, SE, ECA, CBAM
     model = fusedattn.convert(model)   # timm's / the authors' / our eager modules -> fused, in place
-    fusedattn.backends()            # which backends run here, and why the others do not
+    fusedattn.backends()            # per op: which backends run here, and why the others do not
     with fusedattn.use_backend("triton"): ...
     fusedattn.last_backend("cbam")  # which backend the last CBAM call used
 
