@@ -5,15 +5,27 @@
 // spatial maps, the pixel max) are compile-time switches of the loops that read them.
 //
 // Every loop runs along the unit-stride dimension in fixed-width lanes that the compiler turns
-// into vectors (built for AVX-512, AVX2 and baseline x86-64, picked at load time), with a fixed
-// combining order: results do not depend on the thread count. Work shapes:
+// into vectors (built for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline x86-64,
+// picked at load time), with a fixed combining order.
+//
+// Reproducibility: every output element's arithmetic is a function of the shape (and of the
+// clone), never of the thread count (tests/test_determinism.py). Threads take whole tasks, and a
+// task's results are its own (no partial sums across tasks). The clones are x86-64-v4 / v3, not
+// bare "avx512f" / "avx2": GCC's "avx512f" clone fuses a * b + c into an FMA in 512-bit and
+// scalar code but has no FMA for 256-bit vectors, so an element in a vectorised loop's 256-bit
+// epilogue rounded differently, and where a thread's range put it decided its bits. In these
+// clones every vector width and the scalar code can fuse, and what is fused depends on the code
+// and the shape only (the clones' results differ from one another in the last bits). Work shapes:
 //
 //  * reductions over pixels (pool_pixels, grad_a): contiguous, a task is a run of (n, c) rows,
-//    reduced in kLanes lanes; channels-last, a task is (n, block of channels), one accumulator
-//    per channel across the pixel rows.
+//    reduced in kLanes lanes (pool_pixels with short rows: a task is an aligned group of kLanes
+//    rows, a lane per row, so that which rows share a vector is fixed by the shape);
+//    channels-last, a task is (n, block of channels), one accumulator per channel across the
+//    pixel rows.
 //  * reductions over channels (pool_channels, gate_grad_s): contiguous, a task is (n, block of
-//    pixels), one accumulator per pixel across the channel rows; channels-last, a task is a run
-//    of pixel rows, each reduced in kLanes lanes.
+//    pixels), one accumulator per pixel across the channel rows; channels-last, a task is
+//    (n, kLanes pixels): pool_channels keeps one accumulator per pixel across the channels,
+//    gate_grad_s reduces each pixel's contiguous channels in kLanes lanes.
 //  * elementwise (gate, grad_x): runs of rows in memory order.
 //
 // Maxima take the first index attaining them, NaN counting as the largest value (as torch.max):
@@ -27,6 +39,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "pass_check.h"
 #include "layout.h"
@@ -48,7 +63,9 @@ constexpr int64_t kShortRow = 256;       // contiguous rows up to this length: a
 #define FA_INLINE inline __attribute__((always_inline))
 #define FA_INLINE_LAMBDA __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// x86-64-v4 / v3 rather than bare "avx512f" / "avx2": see the note on reproducibility above.
+#define FA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FA_CLONES
 #endif
@@ -84,6 +101,25 @@ FA_INLINE A tree_sum(A* acc) {
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
+}
+
+// A's bits as an unsigned integer, and back: masks select v or +0 exactly (v may be inf or NaN,
+// which a multiplication by 0 or 1 would not keep out of the other group's sum).
+template <typename A>
+using bits_t = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+
+template <typename A>
+FA_INLINE bits_t<A> bits_of(A v) {
+  bits_t<A> b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
+template <typename A>
+FA_INLINE A from_bits(bits_t<A> b) {
+  A v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
 }
 
 // The best lane, in lane order (branch-free: cheaper than a tree for one row).
@@ -154,33 +190,55 @@ enum class Op { kPoolPixels, kPoolChannels, kGate, kGateGradS, kGradA, kGradX };
 // mean_c and (MAX) max_c with its first argmax over the P pixels of every (n, c).
 // r0 = mean, r1 = max, ri = arg.
 
+// Contiguous. Rows up to kShortRow pixels: tasks [t0, t1) are groups of kLanes rows (group t is
+// rows [t kLanes, t kLanes + kLanes)), a lane per row, each row summed in pixel order; the last,
+// partial group runs the same sequential sums one row at a time. Longer rows: tasks are rows,
+// each reduced in kLanes lanes. Which arithmetic a row gets thus depends on P alone.
 template <typename T, bool MAX>
-FA_INLINE void pool_pixels_rows(const Pass<T>& k, int64_t t0, int64_t t1) {  // contiguous
+FA_INLINE void pool_pixels_rows(const Pass<T>& k, int64_t t0, int64_t t1) {
   using A = acc_t<T>;
-  const int64_t P = k.G.P;
-  int64_t r = t0;
-  if (P <= kShortRow) {  // kLanes rows at once, a lane per row: no combine across lanes
-    for (; r + kLanes <= t1; r += kLanes) {
+  const int64_t P = k.G.P, rows = k.G.N * k.G.C;
+  if (P <= kShortRow) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t * kLanes;
       const T* __restrict__ x = k.x + r * P;
-      alignas(64) A s[kLanes] = {}, m[kLanes];
-      alignas(64) int32_t ix[kLanes] = {};
-      for (int l = 0; l < kLanes; ++l) m[l] = -INFINITY;
-      for (int64_t i = 0; i < P; ++i)
+      if (r + kLanes <= rows) {  // kLanes rows at once, a lane per row: no combine across lanes
+        alignas(64) A s[kLanes] = {}, m[kLanes];
+        alignas(64) int32_t ix[kLanes] = {};
+        for (int l = 0; l < kLanes; ++l) m[l] = -INFINITY;
+        for (int64_t i = 0; i < P; ++i)
+          for (int l = 0; l < kLanes; ++l) {
+            const A v = A(x[l * P + i]);
+            s[l] += v;
+            if constexpr (MAX) take(v, int32_t(i), m[l], ix[l]);
+          }
         for (int l = 0; l < kLanes; ++l) {
-          const A v = A(x[l * P + i]);
-          s[l] += v;
-          if constexpr (MAX) take(v, int32_t(i), m[l], ix[l]);
+          k.r0[r + l] = s[l] / A(P);
+          if constexpr (MAX) {
+            k.r1[r + l] = m[l];
+            k.ri[r + l] = ix[l];
+          }
         }
-      for (int l = 0; l < kLanes; ++l) {
-        k.r0[r + l] = s[l] / A(P);
-        if constexpr (MAX) {
-          k.r1[r + l] = m[l];
-          k.ri[r + l] = ix[l];
+      } else {  // the partial last group: the same sums, a row at a time
+        for (int64_t l = 0; r + l < rows; ++l) {
+          A s = 0, m = -INFINITY;
+          int32_t ix = 0;
+          for (int64_t i = 0; i < P; ++i) {
+            const A v = A(x[l * P + i]);
+            s += v;
+            if constexpr (MAX) take(v, int32_t(i), m, ix);
+          }
+          k.r0[r + l] = s / A(P);
+          if constexpr (MAX) {
+            k.r1[r + l] = m;
+            k.ri[r + l] = ix;
+          }
         }
       }
     }
+    return;
   }
-  for (; r < t1; ++r) {  // a row in kLanes lanes
+  for (int64_t r = t0; r < t1; ++r) {  // a row in kLanes lanes
     const T* __restrict__ x = k.x + r * P;
     alignas(64) A s[kLanes] = {}, m[kLanes];
     alignas(64) int32_t ix[kLanes];
@@ -359,8 +417,11 @@ FA_INLINE void gate_grad_step(const T* __restrict__ x, const T* __restrict__ dy,
 template <typename T, bool CL>
 FA_INLINE void gate_grad_s_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
   using A = acc_t<T>;
+  using Bits = bits_t<A>;
   const Geom& G = k.G;
   alignas(64) A acc[2][kPixelBlock];
+  std::vector<Bits> mask(CL && k.group ? G.C : 0);  // channels-last with groups
+  int64_t mask_n = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const Tile tl = tile_of<CL>(G, t);
     const uint8_t* g = k.group ? k.group + tl.n * G.C : nullptr;
@@ -368,24 +429,33 @@ FA_INLINE void gate_grad_s_tiles(const Pass<T>& k, int64_t t0, int64_t t1) {
     for (int h = 0; h < k.groups; ++h)
       for (int64_t j = 0; j < tile_pixels<CL>(); ++j) acc[h][j] = 0;
     const int64_t o = tl.n * G.sN + tl.p0 * G.sP;
-    if (CL) {  // a pixel's channels are contiguous: one vectorised reduction per pixel
+    if (CL) {  // a pixel's channels are contiguous: one reduction per pixel in kLanes lanes
+      if (g && tl.n != mask_n) {  // the sample's group flags as bit masks of A
+        for (int64_t c = 0; c < G.C; ++c) mask[c] = g[c] ? ~Bits(0) : Bits(0);
+        mask_n = tl.n;
+      }
       for (int64_t j = 0; j < tl.np; ++j) {
         const T* __restrict__ x = k.x + o + j * G.C;
         const T* __restrict__ dy = k.dy + o + j * G.C;
-        A s0 = 0, s1 = 0;
-        if (g) {
-#pragma omp simd reduction(+ : s0, s1)
-          for (int64_t c = 0; c < G.C; ++c) {
-            const A v = A(dy[c]) * a[c] * A(x[c]);
-            s0 += g[c] ? A(0) : v;
-            s1 += g[c] ? v : A(0);
-          }
+        const Bits* __restrict__ mk = mask.data();
+        alignas(64) A s0[kLanes] = {}, s1[kLanes] = {};
+        auto run = [&](auto&& step) FA_INLINE_LAMBDA {
+          int64_t c = 0;
+          for (; c + kLanes <= G.C; c += kLanes)
+            for (int l = 0; l < kLanes; ++l) step(c + l, l);
+          for (int l = 0; c + l < G.C; ++l) step(c + l, l);
+        };
+        if (g) {  // v into its group's sum, +0 into the other's (a select the compiler vectorises)
+          run([&](int64_t c, int l) FA_INLINE_LAMBDA {
+            const Bits v = bits_of(A(dy[c]) * a[c] * A(x[c]));
+            s0[l] += from_bits<A>(v & ~mk[c]);
+            s1[l] += from_bits<A>(v & mk[c]);
+          });
+          acc[1][j] = tree_sum(s1);
         } else {
-#pragma omp simd reduction(+ : s0)
-          for (int64_t c = 0; c < G.C; ++c) s0 += A(dy[c]) * a[c] * A(x[c]);
+          run([&](int64_t c, int l) FA_INLINE_LAMBDA { s0[l] += A(dy[c]) * a[c] * A(x[c]); });
         }
-        acc[0][j] = s0;
-        acc[1][j] = s1;
+        acc[0][j] = tree_sum(s0);
       }
     } else {
       for (int64_t c = 0; c < G.C; ++c) {
@@ -604,6 +674,9 @@ Tasks tasks_of(Op op, const Geom& G) {
   const int64_t channel_blocks = (G.C + kChannelBlock - 1) / kChannelBlock;
   switch (op) {
     case Op::kPoolPixels:
+      if (!cl && G.P <= kShortRow)  // groups of kLanes rows (pool_pixels_rows)
+        return make((G.N * G.C + kLanes - 1) / kLanes, G.P * kLanes);
+      return cl ? make(G.N * channel_blocks, G.P * kChannelBlock) : make(G.N * G.C, G.P);
     case Op::kGradA:
       return cl ? make(G.N * channel_blocks, G.P * kChannelBlock) : make(G.N * G.C, G.P);
     case Op::kPoolChannels:

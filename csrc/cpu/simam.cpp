@@ -1,7 +1,21 @@
 // SimAM on CPU tensors (fusedattn/spec/simam.md), forward and backward; the per-element math is
-// csrc/simam_math.h. Vectorised by the compiler through fixed-width lane loops (the same bits on
-// every run and thread count), built for AVX-512, AVX2 and baseline x86-64 and picked at load
-// time (target_clones). Three work shapes:
+// csrc/simam_math.h. Vectorised by the compiler through fixed-width lane loops, built for
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline x86-64 and picked at load time
+// (target_clones).
+//
+// Reproducibility: every output element's arithmetic is a function of the shape (and of the
+// clone), never of the thread count (tests/test_determinism.py). Sums run in fixed lanes over
+// fixed chunks and merge in a fixed order; threads only take whole tasks (planes or channel
+// blocks) whose results no other task touches. The clones are x86-64-v4 / v3, not bare "avx512f"
+// / "avx2": with AVX-512F alone GCC fuses a * b + c into an FMA in 512-bit and scalar code but
+// has no FMA for 256-bit vectors, so the 256-bit epilogue of a vectorised loop rounded twice
+// where the main loop rounded once, and an element's result depended on where a thread's range
+// put it in a loop. In these clones every vector width and the scalar code can fuse, and what is
+// fused depends on the code and the shape only. (The clones' results differ from one another in
+// the last bits: baseline x86-64 has no FMA, and under generic tuning GCC leaves a * b + c unfused
+// where c is a register accumulator of 256 bits or less, which v3's vectors are and v4's are not.)
+//
+// Three work shapes:
 //
 //  * planar, large planes (M > kSmallPlane): a task is a plane. Statistics come from two passes
 //    over L1-sized chunks, merged in double (Chan et al.); the output pass re-reads the plane
@@ -11,7 +25,8 @@
 //    the plane constants broadcast into L1 buffers, so no pass runs on short remainders.
 //  * channels-last: a task is (sample, block of channels); rows of the block are contiguous, so
 //    per-channel statistics accumulate across a row in vector lanes. Statistics stream over
-//    L1-sized row chunks; the output pass re-reads the block from L2/L3.
+//    row chunks of about L1 size, whose length depends on C alone (not on the block width,
+//    which narrows with the thread count); the output pass re-reads the block from L2/L3.
 //
 // Backward: the first pass forms the two plane sums and stores p = g s + 2 inv a d in dx (for
 // fp32/fp64; half types recompute it), the second finishes dx = p - c0 - k2 d without a sigmoid.
@@ -240,12 +255,21 @@ FA_INLINE void bwd_small_impl(const T* __restrict__ g, const T* __restrict__ x,
 // ------------------------------------------ channels-last: task = (sample, block of channels)
 // Element (r, c) of a block lies at x[r * C + c], c < cb <= block_channels<T>().
 
+// Rows per statistics chunk: about kChunkBytes of the widest block C allows. A function of C
+// alone, never of the block width cb (split_for narrows blocks as the thread count grows), since
+// the chunk boundaries decide how a channel's statistics are rounded.
+template <typename T>
+FA_INLINE int64_t chunk_rows(int64_t C) {
+  const int64_t width = std::min(C, block_channels<T>());
+  return std::max<int64_t>(1, kChunkBytes / (width * int64_t(sizeof(T))));
+}
+
 template <typename T>
 FA_INLINE void fwd_cl_block(const T* __restrict__ x, T* __restrict__ y, acc_t<T>* mu,
                             acc_t<T>* inv, int64_t M, int64_t C, int64_t cb, acc_t<T> lam) {
   using A = acc_t<T>;
   constexpr int64_t B = block_channels<T>();
-  const int64_t rows = std::max<int64_t>(1, kChunkBytes / (cb * int64_t(sizeof(T))));
+  const int64_t rows = chunk_rows<T>(C);
   double mw[B] = {}, m2w[B] = {}, count = 0;  // chunks merged in double
   A cm[B], c2[B], mean[B], iv[B];
   for (int64_t r0 = 0; r0 < M; r0 += rows) {
@@ -282,7 +306,7 @@ FA_INLINE void bwd_cl_block(const T* __restrict__ g, const T* __restrict__ x, co
                             int64_t cb) {
   using A = acc_t<T>;
   constexpr int64_t B = block_channels<T>();
-  const int64_t rows = std::max<int64_t>(1, kChunkBytes / (cb * int64_t(sizeof(T))));
+  const int64_t rows = chunk_rows<T>(C);
   A mean[B], iv[B], s1[B], s2[B], c0[B], k2[B];
   double S1w[B] = {}, S2w[B] = {};  // chunk sums (A) added up in double
   for (int64_t c = 0; c < cb; ++c) { mean[c] = mu[c]; iv[c] = inv[c]; }
@@ -311,8 +335,11 @@ FA_INLINE void bwd_cl_block(const T* __restrict__ g, const T* __restrict__ x, co
 // ------------------------------------------------------------------------------- entry points
 
 // Work split. Planar: tasks are planes (grouped by kLanes for small planes, whose groups the
-// kernels form from any range). Channels-last: tasks are (sample, channel block); blocks are
-// narrowed (to a multiple of 16 channels) when there are too few to keep every thread busy.
+// kernels form from any range: a plane's statistics never mix with its neighbours', and an
+// element's output does not depend on its place in the group's flat loop, see the clones).
+// Channels-last: tasks are (sample, channel block); blocks are narrowed (to a multiple of 16
+// channels) when there are too few to keep every thread busy, which changes no channel's
+// arithmetic (chunk_rows).
 struct Split {
   int64_t tasks, grain, block;
 };
@@ -332,7 +359,9 @@ Split split_for(Layout layout, int64_t N, int64_t C, int64_t M) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// x86-64-v4 / v3 rather than bare "avx512f" / "avx2": see the note on reproducibility above.
+#define FA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FA_CLONES
 #endif
