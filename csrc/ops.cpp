@@ -27,6 +27,17 @@ TORCH_LIBRARY(fusedattn, m) {
   // spatial conv on CPU (csrc/cpu/conv.cpp); fp32/fp64.
   m.def("same_conv2d(Tensor x, Tensor w) -> Tensor");
   m.def("same_conv2d_weight_grad(Tensor dy, Tensor x, int k) -> Tensor");
+
+  // 2-D relative self-attention of attention-augmented convolution (fusedattn/spec/aaconv.md;
+  // fusedattn/ops/aaconv.py states the math and the layouts, csrc/aaconv_check.h the checks):
+  // q, k (N, Nh, H W, dkh), v (N, Nh, H W, dvh), any strides; rel_h (2H-1, dkh), rel_w (2W-1,
+  // dkh) or both None. out (N, Nh, H W, dvh) with memory ordered (N, Nh, dvh, H W); lse
+  // (N, Nh, H W) fp32 (fp64 for fp64); dq, dk, dv memory ordered (N, Nh, d, H W) like out.
+  m.def("rel_attention(Tensor q, Tensor k, Tensor v, Tensor? rel_h, Tensor? rel_w, int H, int W,"
+        " float scale) -> (Tensor out, Tensor lse)");
+  m.def("rel_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rel_h,"
+        " Tensor? rel_w, Tensor out, Tensor lse, int H, int W, float scale)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor? drel_h, Tensor? drel_w)");
 }
 
 namespace {

@@ -1,6 +1,6 @@
 """fusedattn: fused GPU and CPU kernels for CNN attention modules.
 
-    from fusedattn import SimAM, simam, HAM, SE, ECA, CBAM
+    from fusedattn import SimAM, simam, HAM, SE, ECA, CBAM, AugmentedConv2d
     model = fusedattn.convert(model)   # timm's / the authors' / our eager modules -> fused, in place
     fusedattn.backends()            # per op: which backends run here, and why the others do not
     with fusedattn.use_backend("triton"): ...
@@ -11,9 +11,9 @@ Importing never fails because a backend is missing; asking for that backend does
 from . import reference, registry
 from .convert import convert
 from .dispatch import BackendUnavailable, backends, last_backend, use_backend
-from .modules import CBAM, ECA, HAM, SE, SimAM
+from .modules import CBAM, ECA, HAM, SE, AugmentedConv2d, SimAM
 from .ops import simam
 
-__all__ = ["SimAM", "simam", "HAM", "SE", "ECA", "CBAM", "convert", "reference", "registry",
-           "backends", "use_backend", "last_backend", "BackendUnavailable"]
+__all__ = ["SimAM", "simam", "HAM", "SE", "ECA", "CBAM", "AugmentedConv2d", "convert", "reference",
+           "registry", "backends", "use_backend", "last_backend", "BackendUnavailable"]
 __version__ = "0.1.0"

@@ -14,6 +14,16 @@ dynamic=False)``, fused is the op's ``fusedattn`` module with the eager module's
 perturbed by a seeded uniform(-0.25, 0.25) (BatchNorm: random running statistics), so that the
 weights are not the trivial init and fused and eager compute the same thing.
 
+An op whose registry entry names a ``bench_providers`` module has its own providers, parts,
+default shapes / layouts / rounds and unsupported cells (``op_bench``): aaconv
+(fusedattn/bench_aaconv.py) times 7 providers (eager, compile, sdpa_bias, sdpa_folded, flex, fused,
+clone) on two parts, "module" (y = f(x), the whole AugmentedConv2d) and "attention" (only the
+attention core, on the qkv convolution's output), on the spec's ResNet-50 and CIFAR grids,
+contiguous, 14 rounds (one period of the provider orders for 7 providers); its table has a column
+per provider, "fused / fastest other", and fused's saved bytes over q + k + v + out + lse. A
+(provider, mode) that cannot run on the device (flex training on CPU) is not run and reads "n/a"
+with a footnote. Every row has a ``part`` column ("module" for the other ops).
+
 Modes: ``fwd`` (training forward: modules in train(), x requires grad), ``bwd`` (backward only,
 of forwards run untimed before), ``fwd+bwd``, and ``infer`` (inference forward: separate module
 instances in eval(), their own torch.compile, under torch.no_grad(), x not requiring grad).
@@ -25,7 +35,7 @@ p20 and p80). The order of the providers changes from round to round: round r us
 provider r mod k, so over each k rounds every provider is timed in every position once and right
 after every other provider once. A fixed order would make one provider always pay for the cache
 state and page faults left by the same predecessor's large allocations. The default --reps (16)
-is a multiple of that period for the 4 providers.
+is a multiple of that period for the 4 providers (aaconv: 14, the period for its 7).
 
 Memory: bytes autograd saves for backward in the training forward (unique storages, via
 saved_tensors_hooks) and the peak memory one training forward+backward adds (GPU: the caching
@@ -34,11 +44,13 @@ allocations are mmapped so that freed memory leaves it); both on the fwd row. On
 counts the minimum traffic of the op (forward and infer: read x, write y; backward: read x and
 dy, write dx) and is compared with the device's peak bandwidth.
 Results go to benchmarks/results/<op>_<device>[_<backend>].{csv,json,md,png}; progress to stderr.
+$FUSEDATTN_BENCH_COMPILE_BACKEND names another torch.compile backend (the smoke tests: "eager").
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import os
 import platform
@@ -46,7 +58,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,6 +85,7 @@ WEIGHT_SEED = 0
 WEIGHT_NOISE = 0.25
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+COMPILE_BACKEND_ENV = "FUSEDATTN_BENCH_COMPILE_BACKEND"  # compile's backend (default inductor)
 
 
 def log(msg: str) -> None:
@@ -166,13 +181,16 @@ def saved_bytes(f, x) -> int:
     return sum(seen.values())
 
 
-def peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend=None) -> dict:
-    """CPU peak memory of one training forward+backward per provider, measured in a child
+def peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend=None,
+                   parts=("module",)) -> dict:
+    """CPU peak memory of one training forward+backward per part and provider ({part:
+    {provider: bytes or None}}; None: the provider cannot train here), measured in a child
     process whose large allocations are all mmapped (glibc's MALLOC_MMAP_THRESHOLD_ fixed), so
     that freed tensors leave the resident set. Timings stay in this process: mmapping every
     tensor adds page faults that would distort them."""
     spec = json.dumps({"op": op, "shape": shape, "dtype": str(dtype).split(".")[-1],
-                       "channels_last": channels_last, "e_lambda": e_lambda, "backend": backend})
+                       "channels_last": channels_last, "e_lambda": e_lambda, "backend": backend,
+                       "parts": list(parts)})
     env = {**os.environ, _MMAP_ENV: "65536"}
     r = subprocess.run([sys.executable, "-m", "fusedattn.bench", "--peak-child", spec],
                        capture_output=True, text=True, env=env)
@@ -182,24 +200,45 @@ def peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend=None) -> d
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _peak_child(spec: str) -> int:
-    c = json.loads(spec)
+def _peak_target(spec, p, calls, device):
+    """The training call whose peak is measured: fwd+bwd, else (clone; a provider that cannot
+    run a backward here) fwd; None if it cannot train here at all."""
+    for m in ("fwd+bwd", "fwd"):
+        if m in calls and not spec.unsupported(p, m, device):
+            return calls[m]
+    return None
+
+
+def _peak_child(spec_json: str) -> int:
+    c = json.loads(spec_json)
     x = torch.randn(c["shape"], dtype=getattr(torch, c["dtype"]))
     if c["channels_last"]:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
-    g = torch.randn_like(x)
+    spec = op_bench(c["op"])
     out = {}
     with _backend_ctx(c.get("backend")):
-        for p, f in providers(c["op"], c["e_lambda"], x, training=True).items():
-            calls = mode_callables(f, x, g, with_grad=(p != "clone"))
-            out[p] = peak_added_bytes(calls["fwd+bwd"] if "fwd+bwd" in calls else calls["fwd"],
-                                      x.device)
+        for part in c.get("parts", ["module"]):
+            inp, fns, dy = spec.case(part, x, c["e_lambda"], training=True)
+            g = torch.randn_like(inp) if dy is None else dy
+            out[part] = {}
+            for p in spec.providers:
+                calls = mode_callables(fns[p], inp, g, with_grad=(p != "clone"))
+                call = _peak_target(spec, p, calls, x.device)
+                out[part][p] = None if call is None else peak_added_bytes(call, x.device)
     print(json.dumps(out))
     return 0
 
 
 # ----------------------------------------------------------------------------- the providers
+
+def compiled(fn):
+    """The compile provider: ``torch.compile(fn, dynamic=False)``, with the backend named by
+    $FUSEDATTN_BENCH_COMPILE_BACKEND if set (default inductor; the smoke tests set "eager":
+    dynamo's graph capture without code generation, seconds instead of minutes)."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    return torch.compile(fn, dynamic=False, backend=backend)
+
 
 def perturb_weights(module: torch.nn.Module, seed: int = WEIGHT_SEED) -> torch.nn.Module:
     """Adds a seeded uniform(-WEIGHT_NOISE, WEIGHT_NOISE) to every float parameter and buffer
@@ -227,24 +266,73 @@ def providers(op: str, e_lambda: float, x: torch.Tensor, training: bool = True):
     instances (the same weights for the same op and shape) and a fresh torch.compile."""
     import fusedattn.reference
     entry = registry.get(op)
+    if entry.bench_providers is not None:  # the op's own providers: those of its module part
+        return op_bench(op).case("module", x, e_lambda, training)[1]
     channels = x.shape[1]
-    model = _with_lambda(perturb_weights(entry.baseline_module(channels)), e_lambda)
+    model = _with_lambda(perturb_weights(entry.baseline_module(channels, x.shape)), e_lambda)
     model = model.to(x.device, x.dtype).train(training)
-    fused = _with_lambda(entry.fused_cls()(channels), e_lambda).to(x.device, x.dtype)
+    fused = _with_lambda(entry.build(entry.fused_cls(), x.shape), e_lambda).to(x.device, x.dtype)
     fused.load_state_dict(model.state_dict(), strict=True)
     fused.train(training)
     eager = model
     if op == "simam":  # the functional form SimAM is usually written in
         eager = (lambda t: fusedattn.reference.simam(t, e_lambda))
-    return {"eager": eager, "compile": torch.compile(eager, dynamic=False), "fused": fused,
+    return {"eager": eager, "compile": compiled(eager), "fused": fused,
             "clone": (lambda t: t.clone())}
 
 
 def baseline_name(op: str, channels: int = 64) -> str:
     if op == "simam":
         return "fusedattn.reference.simam"
-    m = registry.get(op).baseline_module(channels)
+    entry = registry.get(op)
+    if entry.make is not None:  # built for a shape: the eager provider is the reference class
+        cls = entry.reference_cls()
+        return f"{cls.__module__}.{cls.__qualname__}"
+    m = entry.baseline_module(channels)
     return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """What ``python -m fusedattn.bench`` runs for one op (``op_bench``)."""
+    providers: tuple[str, ...]  # column order; "fused" and "clone" among them
+    parts: tuple[str, ...]  # what is benchmarked, each a set of rows (the "part" column)
+    case: Callable  # (part, x, e_lambda, training) -> (input, {provider: f}, dy or None)
+    shapes: list  # default --shapes: names of SHAPES or (N, C, H, W) tuples
+    quick_shapes: list  # the same under --quick
+    layouts: str  # default --layouts
+    round_periods: int  # default --reps in periods of the provider orders (--quick: 1)
+    unsupported: Callable  # (provider, mode, device) -> why it cannot run there, or None
+    compare: tuple[str, ...] = ()  # providers of "fused / fastest other" (custom table only)
+    saved_bound: Callable | None = None  # (shape, dtype) -> bytes the fused op may save
+    custom: bool = False  # the op's own module: its table has a column per provider
+
+    @property
+    def period(self) -> int:
+        return len(round_orders(len(self.providers)))
+
+
+def _generic_case(op):
+    def case(part, x, e_lambda, training=True):
+        return x, providers(op, e_lambda, x, training), None
+    return case
+
+
+def op_bench(op: str) -> OpBench:
+    """The providers, parts, default shapes and unsupported cells of registry op ``op``: its
+    ``bench_providers`` module's (e.g. fusedattn.bench_aaconv: PROVIDERS, PARTS, case, SHAPES,
+    QUICK_SHAPES, LAYOUTS, ROUND_PERIODS, unsupported, COMPARE, saved_bound), else the generic
+    ones of this file (PROVIDERS, one part "module", SHAPES, 4 periods of rounds)."""
+    entry = registry.get(op)
+    if entry.bench_providers is None:
+        return OpBench(PROVIDERS, ("module",), _generic_case(op), list(SHAPES),
+                       ["rn50-s1", "rn50-s4"], "contiguous,channels_last", 4,
+                       lambda provider, mode, device: None)
+    mod = importlib.import_module(entry.bench_providers)
+    return OpBench(tuple(mod.PROVIDERS), tuple(mod.PARTS), mod.case, list(mod.SHAPES),
+                   list(mod.QUICK_SHAPES), mod.LAYOUTS, mod.ROUND_PERIODS, mod.unsupported,
+                   tuple(getattr(mod, "COMPARE", ())), getattr(mod, "saved_bound", None),
+                   custom=True)
 
 
 class Backward:
@@ -300,63 +388,97 @@ def round_orders(k: int) -> list[list[int]]:
 
 
 def bench_case(op, shape, dtype, device, reps, channels_last, e_lambda, peak_bw, backend=None):
+    """Rows of one (shape, dtype, layout) case of op: every part, provider and mode that can run
+    on this device (``op_bench(op).unsupported`` cells are skipped)."""
+    spec = op_bench(op)
     x = torch.randn(shape, dtype=dtype, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     g = torch.randn_like(x)
     torch._dynamo.reset()  # a fresh compiled function per shape: no dynamic-shape recompiles
-    fns = providers(op, e_lambda, x, training=True)
-    evals = providers(op, e_lambda, x, training=False)
-    calls = {p: {**mode_callables(f, x, g, with_grad=(p != "clone")),
-                 "infer": infer_callable(evals[p], x)} for p, f in fns.items()}
-    for p in PROVIDERS:  # warm-up (compiles torch.compile's forward, backward, inference graphs)
+    measured = [_bench_part(spec, part, x, g, device, reps, e_lambda) for part in spec.parts]
+    if device.type == "cpu":
+        peaks = peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend, spec.parts)
+    else:
+        peaks = {part: m["peaks"] for part, m in zip(spec.parts, measured)}
+    bound = spec.saved_bound(shape, dtype) if spec.saved_bound else None
+    rows = []
+    for part, meas in zip(spec.parts, measured):
+        nbytes = meas["input_bytes"]
+        for p in spec.providers:
+            for m in MODES:
+                if (p, m) not in meas["samples"]:
+                    continue
+                # memory is that of training; an inference forward saves nothing (peak: not
+                # measured)
+                saved, peak = ((0, None) if m == "infer"
+                               else (meas["saved"][p], peaks.get(part, {}).get(p)))
+                ts = sorted(meas["samples"][p, m])
+                med = statistics.median(ts)
+                q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
+                moved = (2 if p == "clone" else TRAFFIC[m]) * nbytes
+                gbps = moved / med / 1e9 if part == "module" else None  # y like x: module only
+                row = {
+                    "op": op, "part": part, "shape": "x".join(map(str, shape)),
+                    "dtype": str(dtype).split(".")[-1],
+                    "layout": "channels_last" if channels_last else "contiguous",
+                    "device": device.type, "provider": p, "mode": m,
+                    "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[3] * 1e3,
+                    "gbps": gbps,
+                    "pct_peak_bw": (100 * gbps * 1e9 / peak_bw) if peak_bw and gbps else None,
+                    "saved_bytes": saved,
+                    "saved_over_input": None if saved is None else saved / nbytes,
+                    "peak_added_bytes": peak, "input_bytes": nbytes,
+                }
+                if spec.saved_bound:
+                    row["saved_bound_bytes"] = bound
+                rows.append(row)
+    return rows
+
+
+def _bench_part(spec: OpBench, part, x, g, device, reps, e_lambda) -> dict:
+    """Times one part of a case: its providers interleaved in the rotating orders; also the
+    bytes autograd saves (and on a GPU the peak memory) of each provider's training forward."""
+    inp, fns, dy = spec.case(part, x, e_lambda, training=True)
+    evals = spec.case(part, x, e_lambda, training=False)[1]
+    gp = g if dy is None else dy
+    calls = {}
+    for p in spec.providers:
+        c = {**mode_callables(fns[p], inp, gp, with_grad=(p != "clone")),
+             "infer": infer_callable(evals[p], inp)}
+        calls[p] = {m: f for m, f in c.items() if not spec.unsupported(p, m, device)}
+    prefix = "" if spec.parts == ("module",) else f"{part}/"
+    width = max([8] + [len(f"{pt}/{p}") for pt in spec.parts for p in spec.providers if prefix])
+    for p in spec.providers:  # warm-up (compiles torch.compile's forward, backward, infer graphs)
         t0 = time.perf_counter()
         for c in calls[p].values():
             time_call(c, device, 1)
-        log(f"    warm-up {p:8s} {time.perf_counter() - t0:7.2f} s")
+        log(f"    warm-up {prefix + p:{width}s} {time.perf_counter() - t0:7.2f} s")
     inner = {}
-    for p in PROVIDERS:
+    for p in spec.providers:
         for m, c in calls[p].items():
             est = time_call(c, device, 1)
             cap = 8 if m == "bwd" else 100  # backward keeps `inner` graphs alive at once
             inner[p, m] = max(1, min(cap, int(2e-3 / max(est, 1e-7))))
-    samples = {(p, m): [] for p in PROVIDERS for m in calls[p]}
-    orders = round_orders(len(PROVIDERS))
+    samples = {(p, m): [] for p in spec.providers for m in calls[p]}
+    orders = round_orders(len(spec.providers))
     for r in range(reps):  # interleaved: one sample of every provider and mode per round,
-        order = [PROVIDERS[i] for i in orders[r % len(orders)]]  # in a rotating order
+        order = [spec.providers[i] for i in orders[r % len(orders)]]  # in a rotating order
         for m in MODES:
             for p in order:
                 if m in calls[p]:
                     samples[p, m].append(time_call(calls[p][m], device, inner[p, m]))
-    nbytes = x.numel() * x.element_size()
-    peaks = (peaks_in_child(op, shape, dtype, channels_last, e_lambda, backend)
-             if device.type == "cpu"
-             else {p: peak_added_bytes(calls[p].get("fwd+bwd", calls[p]["fwd"]), device)
-                   for p in PROVIDERS})
-    rows = []
-    for p in PROVIDERS:
-        mem_saved = saved_bytes(fns[p], x) if p != "clone" else 0
-        for m in MODES:
-            if m not in calls[p]:
-                continue
-            # memory is that of training; an inference forward saves nothing (peak: not measured)
-            saved, peak = (0, None) if m == "infer" else (mem_saved, peaks.get(p))
-            ts = sorted(samples[p, m])
-            med = statistics.median(ts)
-            q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
-            moved = (2 if p == "clone" else TRAFFIC[m]) * nbytes
-            gbps = moved / med / 1e9
-            rows.append({
-                "op": op, "shape": "x".join(map(str, shape)), "dtype": str(dtype).split(".")[-1],
-                "layout": "channels_last" if channels_last else "contiguous",
-                "device": device.type, "provider": p, "mode": m,
-                "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[3] * 1e3,
-                "gbps": gbps, "pct_peak_bw": (100 * gbps * 1e9 / peak_bw) if peak_bw else None,
-                "saved_bytes": saved, "saved_over_input": saved / nbytes,
-                "peak_added_bytes": peak, "input_bytes": nbytes,
-            })
-    return rows
+    saved = {p: (None if "fwd" not in calls[p]  # cannot train here
+                 else 0 if p == "clone" else saved_bytes(fns[p], inp)) for p in spec.providers}
+    peaks = None
+    if device.type != "cpu":
+        peaks = {}
+        for p in spec.providers:
+            call = _peak_target(spec, p, calls[p], device)
+            peaks[p] = None if call is None else peak_added_bytes(call, device)
+    return {"samples": samples, "saved": saved, "peaks": peaks,
+            "input_bytes": inp.numel() * inp.element_size()}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -402,26 +524,116 @@ def table(rows, gpu: bool) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: Path, title: str) -> None:
+def _mib(b) -> str:
+    v = b / 2**20
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.3f}"
+
+
+def table_providers(rows, spec: OpBench) -> str:
+    """Markdown table of an op with its own providers (``spec.custom``): one line per (part,
+    shape, dtype, layout, mode) with every provider's median ms, "fused / fastest other" (fused
+    over the fastest of ``spec.compare`` that ran), and on the fwd line the bytes autograd saves
+    and the peak one training forward+backward adds, per provider (clone left out), and fused's
+    saved bytes over ``spec.saved_bound`` (when the op has one). A (provider, mode) that cannot
+    run on the device is "n/a [k]", footnote k saying why."""
+    mem = [p for p in spec.providers if p != "clone"]
+    head = ["part", "shape", "dtype", "layout", "mode", *(f"{p} ms" for p in spec.providers),
+            "fused / fastest other", f"saved MiB ({', '.join(mem)})",
+            f"train peak MiB ({', '.join(mem)})"]
+    if spec.saved_bound:
+        head.append("fused saved / bound")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = {}  # reason -> (number, {provider: [modes]})
+
+    def na(p, mode, device):
+        why = spec.unsupported(p, mode, device)
+        if not why:
+            return None
+        k, cells = notes.setdefault(why, (len(notes) + 1, {}))
+        if mode not in cells.setdefault(p, []):
+            cells[p].append(mode)
+        return f"n/a [{k}]"
+
+    cases = []
+    for r in rows:
+        k = (r["part"], r["shape"], r["dtype"], r["layout"], r["device"])
+        if k not in cases:
+            cases.append(k)
+    cases.sort(key=lambda k: spec.parts.index(k[0]))  # stable: per part, the cases in run order
+    keys = [(*k, m) for k in cases for m in MODES  # a mode no provider ran has no line
+            if _get(rows, part=k[0], shape=k[1], dtype=k[2], layout=k[3], device=k[4], mode=m)]
+    for part, shape, dtype, layout, device, mode in keys:
+        sel = dict(part=part, shape=shape, dtype=dtype, layout=layout, device=device)
+        get = {p: _get(rows, provider=p, mode=mode, **sel) for p in spec.providers}
+        cells = [part, shape, dtype, layout, mode]
+        for p in spec.providers:
+            cells.append(f"{get[p]['median_ms']:.3f}" if get[p] else na(p, mode, device) or "")
+        ran = [p for p in spec.compare if get[p]]
+        if get.get("fused") and ran:
+            best = min(ran, key=lambda p: get[p]["median_ms"])
+            cells.append(f"{get['fused']['median_ms'] / get[best]['median_ms']:.2f} ({best})")
+        else:
+            cells.append("")
+        if mode == "fwd":
+            saved, peak = [], []
+            for p in mem:
+                why = na(p, mode, device)
+                r = get[p]
+                saved.append(why or ("?" if r is None or r["saved_bytes"] is None
+                                     else _mib(r["saved_bytes"])))
+                peak.append(why or ("?" if r is None or r["peak_added_bytes"] is None
+                                    else _mib(r["peak_added_bytes"])))
+            cells += [", ".join(saved), ", ".join(peak)]
+            if spec.saved_bound:
+                f = get.get("fused")
+                cells.append(f"{f['saved_bytes'] / f['saved_bound_bytes']:.3f}"
+                             if f and f.get("saved_bound_bytes") else "")
+        else:
+            cells += ["", ""] + ([""] if spec.saved_bound else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("fused / fastest other: fused's median over the fastest of "
+                 f"{', '.join(spec.compare)} that ran (named); saved MiB: the unique storages "
+                 "autograd saves in the training forward; train peak MiB: the memory one training "
+                 "forward+backward adds at its peak.")
+    if spec.saved_bound:
+        lines.append("")
+        lines.append("fused saved / bound: fused's saved bytes over q + k + v + out + one fp32 "
+                     "per (query, head), N Nh HW (2 dkh + 2 dvh) elem + N Nh HW 4 (the target: at "
+                     "most 1; the relative tables, parameters, come on top). The module part "
+                     "also saves x, the convolutions' weights and their inputs.")
+    for why, (k, cells) in sorted(notes.items(), key=lambda kv: kv[1][0]):
+        where = "; ".join(f"{p} {', '.join(ms)}" for p, ms in cells.items())
+        lines.append("")
+        lines.append(f"[{k}] {where}: {why}")
+    return "\n".join(lines)
+
+
+def op_table(rows, spec: OpBench, gpu: bool) -> str:
+    return table_providers(rows, spec) if spec.custom else table(rows, gpu)
+
+
+def plot(rows, path: Path, title: str, providers=PROVIDERS) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     cases = []
     for r in rows:
-        k = (r["shape"], r["dtype"], r["layout"])
+        k = (r["part"], r["shape"], r["dtype"], r["layout"])
         if k not in cases:
             cases.append(k)
     ncols = 2
     nrows = -(-len(MODES) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, nrows * (0.5 * len(cases) + 2.5)),
                              squeeze=False)
-    width = 0.8 / len(PROVIDERS)
+    width = 0.8 / len(providers)
     for ax, mode in zip(axes.flat, MODES):
-        for i, p in enumerate(PROVIDERS):
+        for i, p in enumerate(providers):
             ys, meds, lo, hi = [], [], [], []
-            for j, (shape, dtype, layout) in enumerate(cases):
-                r = _get(rows, shape=shape, dtype=dtype, layout=layout, provider=p, mode=mode)
+            for j, (part, shape, dtype, layout) in enumerate(cases):
+                r = _get(rows, part=part, shape=shape, dtype=dtype, layout=layout, provider=p,
+                         mode=mode)
                 if r:
                     ys.append(j + i * width)
                     meds.append(r["median_ms"])
@@ -430,7 +642,8 @@ def plot(rows, path: Path, title: str) -> None:
             if ys:
                 ax.barh(ys, meds, height=width, xerr=[lo, hi], label=p, capsize=2)
         ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_yticklabels([f"{s} {d}{' CL' if l == 'channels_last' else ''}" for s, d, l in cases],
+        ax.set_yticklabels([f"{'' if pt == 'module' else pt + ' '}{s} {d}"
+                            f"{' CL' if l == 'channels_last' else ''}" for pt, s, d, l in cases],
                            fontsize=8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
@@ -454,14 +667,18 @@ def parse(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default=None,
                     help="comma list of fp16,bf16,fp32,fp64 (default: fp32 on CPU; fp16,bf16,fp32 on GPU)")
-    ap.add_argument("--shapes", default=",".join(SHAPES),
-                    help=f"comma list of {', '.join(SHAPES)}, or NxCxHxW")
-    ap.add_argument("--layouts", default="contiguous,channels_last")
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma list of {', '.join(SHAPES)}, or NxCxHxW (default: all of "
+                         "those; an op with its own benchmark module (aaconv): its SHAPES)")
+    ap.add_argument("--layouts", default=None,
+                    help="comma list of contiguous,channels_last (default: both; aaconv: "
+                         "contiguous)")
     ap.add_argument("--reps", type=int, default=None,
-                    help="interleaved rounds per case (default 16; a multiple of the provider "
-                         "order's period, 4)")
+                    help="interleaved rounds per case (default 16, a multiple of the provider "
+                         "order's period, 4; aaconv: 14, the period for its 7 providers)")
     ap.add_argument("--quick", action="store_true",
-                    help="4 rounds, shapes rn50-s1,rn50-s4, contiguous only (unless given)")
+                    help="one period of rounds (4; aaconv 14), shapes rn50-s1,rn50-s4 (aaconv: "
+                         "the first and last of its ResNet shapes), contiguous only (unless given)")
     ap.add_argument("--backend", default=None, help="fused backend (default: dispatcher's choice)")
     ap.add_argument("--e-lambda", type=float, default=1e-4)
     ap.add_argument("--out", default=str(RESULTS))
@@ -488,6 +705,11 @@ def _unavailable(op: str, device: torch.device, backend) -> str:
     """Why op cannot be benchmarked here ('' if it can)."""
     import fusedattn
     entry = registry.get(op)
+    if entry.bench_providers is not None:
+        try:
+            importlib.import_module(entry.bench_providers)
+        except ImportError as exc:
+            return f"its benchmark module {entry.bench_providers} cannot be imported ({exc})"
     try:
         entry.fused_cls()
     except AttributeError:
@@ -504,6 +726,12 @@ def _unavailable(op: str, device: torch.device, backend) -> str:
     return ""
 
 
+def _shape(s) -> tuple:
+    if isinstance(s, tuple):
+        return s
+    return SHAPES[s] if s in SHAPES else tuple(int(v) for v in s.split("x"))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
@@ -514,20 +742,7 @@ def main(argv=None) -> int:
         return bench_models.main(args, argv)
     device = torch.device(args.device)
     import fusedattn
-    period = len(round_orders(len(PROVIDERS)))
-    if args.quick:  # explicit --shapes / --layouts win
-        args.shapes = args.shapes if "--shapes" in args.given else "rn50-s1,rn50-s4"
-        args.layouts = args.layouts if "--layouts" in args.given else "contiguous"
-    if args.reps is None:
-        args.reps = period if args.quick else 4 * period
-    if args.reps % period:
-        log(f"fusedattn.bench: --reps {args.reps} is not a multiple of {period}: the provider "
-            "orders are not balanced")
     dtypes = args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32")
-    shapes = [SHAPES[s] if s in SHAPES else tuple(int(v) for v in s.split("x"))
-              for s in args.shapes.split(",")]
-    cases = [(s, DTYPES[d], l == "channels_last") for s in shapes for d in dtypes.split(",")
-             for l in args.layouts.split(",")]
     peak_bw = peak_bandwidth(device)
     where = machine(device)
 
@@ -536,25 +751,57 @@ def main(argv=None) -> int:
         if why:
             log(f"fusedattn.bench: skipping {op} on {device.type}: {why}")
             continue
-        log(f"fusedattn.bench: {op} (eager: {baseline_name(op)}) on {where}; torch "
-            f"{torch.__version__}; {len(cases)} cases x {len(MODES)} modes x {len(PROVIDERS)} "
-            f"providers, {args.reps} rounds")
+        spec = op_bench(op)
+        period = spec.period
+        # explicit --shapes / --layouts / --reps win; else the op's defaults (--quick: fewer)
+        shapes = (args.shapes.split(",") if args.shapes is not None
+                  else spec.quick_shapes if args.quick else spec.shapes)
+        shapes = [_shape(s) for s in shapes]
+        layouts = (args.layouts if args.layouts is not None
+                   else "contiguous" if args.quick else spec.layouts)
+        reps = (args.reps if args.reps is not None
+                else period if args.quick else spec.round_periods * period)
+        if reps % period:
+            log(f"fusedattn.bench: --reps {reps} is not a multiple of {period}: the provider "
+                "orders are not balanced")
+        cases = [(s, DTYPES[d], l == "channels_last") for s in shapes for d in dtypes.split(",")
+                 for l in layouts.split(",")]
+        if spec.custom:
+            log(f"fusedattn.bench: {op} (eager: {baseline_name(op)}) on {where}; torch "
+                f"{torch.__version__}; {len(cases)} cases x {len(spec.parts)} parts "
+                f"({', '.join(spec.parts)}) x {len(MODES)} modes x {len(spec.providers)} "
+                f"providers ({', '.join(spec.providers)}), {reps} rounds (the provider orders "
+                f"repeat every {period} rounds for {len(spec.providers)} providers; default: "
+                f"{'1' if args.quick else spec.round_periods} x {period})")
+        else:
+            log(f"fusedattn.bench: {op} (eager: {baseline_name(op)}) on {where}; torch "
+                f"{torch.__version__}; {len(cases)} cases x {len(MODES)} modes x "
+                f"{len(spec.providers)} providers, {reps} rounds")
+        for p in spec.providers:
+            skipped = {}
+            for m in MODES:
+                why = spec.unsupported(p, m, device)
+                if why:
+                    skipped.setdefault(why, []).append(m)
+            for why, ms in skipped.items():
+                log(f"    not run: {p} {', '.join(ms)} on {device.type}: {why}")
         rows = []
         with _backend_ctx(args.backend):
             for i, (shape, dtype, cl) in enumerate(cases, 1):
                 log(f"[{i}/{len(cases)}] {op} {'x'.join(map(str, shape))} {dtype} "
                     f"{'channels_last' if cl else 'contiguous'}")
                 t0 = time.perf_counter()
-                rows += bench_case(op, shape, dtype, device, args.reps, cl, args.e_lambda,
+                rows += bench_case(op, shape, dtype, device, reps, cl, args.e_lambda,
                                    peak_bw, args.backend)
                 log(f"    done in {time.perf_counter() - t0:.1f} s "
                     f"(fused backend: {fusedattn.last_backend(op)})")
-        write_results(op, rows, args, device, where, peak_bw)
+        write_results(op, rows, args, device, where, peak_bw, reps=reps, spec=spec)
     return 0
 
 
-def write_results(op, rows, args, device, where, peak_bw) -> None:
+def write_results(op, rows, args, device, where, peak_bw, reps=None, spec=None) -> None:
     import fusedattn
+    spec = spec or op_bench(op)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"{op}_{device.type}" + (f"_{args.backend}" if args.backend else ""))
@@ -565,14 +812,21 @@ def write_results(op, rows, args, device, where, peak_bw) -> None:
     meta = {"command": "python -m fusedattn.bench " + " ".join(sys.argv[1:]), "machine": where,
             "torch": torch.__version__, "device": device.type, "peak_bandwidth_Bps": peak_bw,
             "fused_backend": fusedattn.last_backend(op), "eager": baseline_name(op),
-            "rounds": args.reps, "weight_noise": WEIGHT_NOISE, "weight_seed": WEIGHT_SEED,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "rounds": args.reps if reps is None else reps, "weight_noise": WEIGHT_NOISE,
+            "weight_seed": WEIGHT_SEED, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if spec.custom:
+        meta["providers"] = list(spec.providers)
+        meta["parts"] = list(spec.parts)
+        meta["unsupported"] = {p: {m: spec.unsupported(p, m, device) for m in MODES
+                                   if spec.unsupported(p, m, device)}
+                               for p in spec.providers
+                               if any(spec.unsupported(p, m, device) for m in MODES)}
     with open(f"{stem}.json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    md = table(rows, gpu=device.type == "cuda")
+    md = op_table(rows, spec, gpu=device.type == "cuda")
     with open(f"{stem}.md", "w") as f:
         f.write(f"`{meta['command']}` on {where}, torch {torch.__version__}, {meta['date']}\n\n{md}\n")
-    plot(rows, Path(f"{stem}.png"), f"{op} on {where}")
+    plot(rows, Path(f"{stem}.png"), f"{op} on {where}", spec.providers)
     print(f"\n{op}:\n{md}")
     log(f"wrote {stem}.csv, .json, .md, .png")
 

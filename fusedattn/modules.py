@@ -9,6 +9,7 @@ from torch import nn
 
 from . import dispatch, reference
 from .ops import simam
+from .ops.aaconv import rel_attention
 from .ops import zoo as zoo_ops
 from .ops.ham import channel_conv
 from .ops.ham import ham as ham_op
@@ -332,3 +333,21 @@ class CBAM(_Zoo, reference.CBAM):
 
     def spatial_backward(self, ds, inp, params, norms):
         return zoo_ops.spatial_backward(self.spatial.gate, ds, inp, params, norms["spatial"])
+
+
+# ----------------------------------------------------------------------------- AA-Conv
+
+class AugmentedConv2d(reference.AugmentedConv2d):
+    """Fused attention-augmented convolution (fusedattn/spec/aaconv.md): the reference's
+    constructor, parameters and state_dict (it subclasses ``fusedattn.reference.AugmentedConv2d``,
+    so ``load_state_dict`` and ``fusedattn.convert`` move between the two). The three
+    convolutions stay torch's (oneDNN / cuDNN); q, k, v are strided views of the qkv
+    convolution's output (no copies), and the attention is the fused op
+    ``fusedattn.ops.aaconv.rel_attention`` (no (HW)^2 tensor; autograd keeps q, k, v, the
+    attention output and one fp32 log-sum-exp per pixel and head), whose output is viewed as the
+    (N, dv, H, W) map without a copy. Backend ``eager`` runs the reference math. The attention
+    grid H W is limited to 4096 pixels (64 x 64); a larger feat_size raises ValueError at
+    forward."""
+
+    op_name = "aaconv"
+    attention = staticmethod(rel_attention)  # the reference's forward, this attention

@@ -9,7 +9,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["SimAM", "simam", "HAM", "SE", "ECA", "CBAM", "make_divisible"]
+__all__ = ["SimAM", "simam", "HAM", "SE", "ECA", "CBAM", "make_divisible", "AugmentedConv2d",
+           "rel_attention"]
 
 
 def simam(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
@@ -365,3 +366,156 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_zoo_input("CBAM", x, self.channels)
         return self.spatial(self.channel(x))
+
+
+# ----------------------------------------------------------------------------- AA-Conv
+# Attention-augmented convolution (Bello et al., ICCV 2019), fusedattn/spec/aaconv.md.
+
+def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor | None,
+                  rel_w: torch.Tensor | None, H: int, W: int, scale: float) -> torch.Tensor:
+    """2-D relative self-attention per (n, head), the math of the fused op
+    (``fusedattn.ops.aaconv``) written with (HW)^2 logits. q, k: (N, Nh, L = H W, dkh); v:
+    (N, Nh, L, dvh); rel_h: (2H - 1, dkh), rel_w: (2W - 1, dkh), shared by the heads (or both
+    None). With pixel i = iy W + ix (query) and j = jy W + jx (key)::
+
+        logit[i, j] = q'_i . k_j + q'_i . rel_w[jx - ix + W - 1] + q'_i . rel_h[jy - iy + H - 1]
+
+    with q' = scale q; returns softmax_j(logit) @ v, (N, Nh, L, dvh). The relative logits are
+    the per-query tables q' rel^T ((2W - 1) and (2H - 1) numbers) read at the offsets (a
+    gather), broadcast over key rows and key columns."""
+    N, Nh, L, _ = q.shape
+    q = q * scale
+    logits = q @ k.transpose(-1, -2)
+    if rel_h is not None:
+        dev = q.device
+        iy = torch.arange(H, device=dev).repeat_interleave(W)
+        ix = torch.arange(W, device=dev).repeat(H)
+        off_w = torch.arange(W, device=dev)[None, :] - ix[:, None] + W - 1  # (L, W): [i, jx]
+        off_h = torch.arange(H, device=dev)[None, :] - iy[:, None] + H - 1  # (L, H): [i, jy]
+        rw = (q @ rel_w.t()).gather(-1, off_w.expand(N, Nh, L, W))
+        rh = (q @ rel_h.t()).gather(-1, off_h.expand(N, Nh, L, H))
+        logits = logits.view(N, Nh, L, H, W) + rh[..., :, None] + rw[..., None, :]
+        logits = logits.view(N, Nh, L, L)
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def _pair(v, what):
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in v)):
+        raise ValueError(f"AugmentedConv2d: {what} must be a positive int or a pair of them, "
+                         f"got {v!r}")
+    return tuple(v)
+
+
+def check_aaconv_args(in_channels, out_channels, kernel_size, dk, dv, num_heads, stride) -> None:
+    for name, val in (("in_channels", in_channels), ("out_channels", out_channels),
+                      ("kernel_size", kernel_size), ("dk", dk), ("dv", dv),
+                      ("num_heads", num_heads), ("stride", stride)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"AugmentedConv2d: {name} must be a positive int, got {val!r}")
+    if dk % num_heads or dv % num_heads:
+        raise ValueError(f"AugmentedConv2d: num_heads ({num_heads}) must divide dk ({dk}) and "
+                         f"dv ({dv})")
+    if dv >= out_channels:
+        raise ValueError(f"AugmentedConv2d: dv ({dv}) must be smaller than out_channels "
+                         f"({out_channels}): the convolution keeps out_channels - dv channels")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"AugmentedConv2d: kernel_size must be odd (padding kernel_size // 2 "
+                         f"keeps the grid of the attention), got {kernel_size}")
+
+
+class AugmentedConv2d(nn.Module):
+    """Attention-augmented convolution (Bello et al., ICCV 2019), fusedattn/spec/aaconv.md line
+    by line (the TensorFlow code of the paper's appendix)::
+
+        conv_out = Conv2d(in, out - dv, k, padding=k // 2, stride)(x)
+        k, q, v  = split(Conv2d(in, 2 dk + dv, 1, stride)(x), [dk, dk, dv])    # in that order
+        q = q dkh^-0.5; heads head-major (channel c of q/k in head c // dkh), pixels i = iy W + ix
+        logit[i, j] = q_i . k_j + q_i . rel_w[jx - ix + W - 1] + q_i . rel_h[jy - iy + H - 1]
+        attn = attn_out(heads of softmax_j(logit) @ v, combined head-major to dv channels)
+        y = cat([conv_out, attn], dim=1)                                         # out channels
+
+    ``rel_w`` (2W - 1, dkh) and ``rel_h`` (2H - 1, dkh) are shared by all heads; they depend on
+    the attention grid ``feat_size`` = (H, W) (after the stride; an int for square maps), and
+    another input size raises ValueError. ``relative=False`` drops both terms (and the
+    parameters). Initialisation: PyTorch's default for the convolutions; ``rel_h``, ``rel_w``
+    normal with mean 0 and std dkh^-0.5 (the appendix passes dkh^-0.5 positionally to TF1's
+    ``random_normal_initializer``, which makes it the mean with std 1, a slip; timm's
+    ``PosEmbedRel`` uses std dim_head^-0.5, as here). kernel_size must be odd, num_heads must
+    divide dk and dv, and dv < out_channels."""
+
+    # the attention on (q, k, v, rel_h, rel_w, H, W, scale); fusedattn.AugmentedConv2d: fused
+    attention = staticmethod(rel_attention)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dk: int, dv: int,
+                 num_heads: int, feat_size, relative: bool = True, stride: int = 1, *,
+                 device=None, dtype=None):
+        super().__init__()
+        check_aaconv_args(in_channels, out_channels, kernel_size, dk, dv, num_heads, stride)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = kernel_size
+        self.dk, self.dv, self.num_heads = dk, dv, num_heads
+        self.dkh, self.dvh = dk // num_heads, dv // num_heads
+        self.feat_size = _pair(feat_size, "feat_size")
+        self.relative, self.stride = bool(relative), stride
+        dd = {"device": device, "dtype": dtype}
+        self.conv_out = nn.Conv2d(in_channels, out_channels - dv, kernel_size, stride=stride,
+                                  padding=kernel_size // 2, **dd)
+        self.qkv_conv = nn.Conv2d(in_channels, 2 * dk + dv, 1, stride=stride, **dd)
+        self.attn_out = nn.Conv2d(dv, dv, 1, **dd)
+        if self.relative:
+            H, W = self.feat_size
+            self.rel_h = nn.Parameter(torch.empty(2 * H - 1, self.dkh, **dd))
+            self.rel_w = nn.Parameter(torch.empty(2 * W - 1, self.dkh, **dd))
+            nn.init.normal_(self.rel_h, std=self.dkh ** -0.5)
+            nn.init.normal_(self.rel_w, std=self.dkh ** -0.5)
+        else:
+            self.register_parameter("rel_h", None)
+            self.register_parameter("rel_w", None)
+
+    def check_input(self, x) -> None:
+        """ValueError / TypeError unless x is (N, in_channels, H, W) with the attention grid
+        (after the stride) equal to feat_size."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"AugmentedConv2d: expected a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"AugmentedConv2d: expected an input of shape (N, {self.in_channels}, "
+                             f"H, W), got {tuple(x.shape)}")
+        grid = tuple((s - 1) // self.stride + 1 for s in x.shape[2:])
+        if grid != self.feat_size:
+            raise ValueError(f"AugmentedConv2d: built for the attention grid feat_size = "
+                             f"{self.feat_size}, but an input of {tuple(x.shape[2:])} pixels with "
+                             f"stride {self.stride} gives {grid} (the relative embeddings depend "
+                             f"on the grid)")
+
+    def heads(self, qkv: torch.Tensor):
+        """q, k, v of the qkv convolution's output (N, 2 dk + dv, H, W), split k, q, v, as
+        (N, Nh, H W, d) views (head-major channels; pixel axis before the head's channels)."""
+        N, _, H, W = qkv.shape
+        k, q, v = torch.split(qkv, [self.dk, self.dk, self.dv], dim=1)
+        Nh = self.num_heads
+        return tuple(t.reshape(N, Nh, t.shape[1] // Nh, H * W).transpose(2, 3) for t in (q, k, v))
+
+    def combine(self, out: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(N, Nh, H W, dvh) -> (N, dv, H, W): the pixel axis behind the channels, heads
+        head-major."""
+        N = out.shape[0]
+        return out.transpose(2, 3).reshape(N, self.dv, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        conv_out = self.conv_out(x)
+        qkv = self.qkv_conv(x)
+        H, W = qkv.shape[2:]
+        q, k, v = self.heads(qkv)
+        attn = self.attention(q, k, v, self.rel_h, self.rel_w, H, W, self.dkh ** -0.5)
+        return torch.cat([conv_out, self.attn_out(self.combine(attn, H, W))], dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, dk={self.dk}, dv={self.dv}, "
+                f"num_heads={self.num_heads}, feat_size={self.feat_size}, "
+                f"relative={self.relative}, stride={self.stride}")

@@ -7,9 +7,15 @@ Adding an op is one ``Op(...)`` in ``OPS``:
 - ``triton``: the module of ``triton_kernels`` holding its Triton kernels (None: no Triton
   backend); its ``aot_variants()`` are compiled by ``python -m fusedattn.aot``;
 - ``fused`` / ``reference``: the module classes (``fusedattn.<X>`` / ``fusedattn.reference.<X>``),
-  constructed as ``cls(channels)``;
+  constructed as ``cls(channels)``, or by ``make(cls, shape)`` for an input shape (N, C, H, W)
+  where the constructor needs more than the channels (AugmentedConv2d: its grid, its sizes);
+  ``Op.build(cls, shape)`` does either;
 - ``baseline``: the eager module a user holds, the benchmark's eager provider (timm's where one
   exists, else our reference), as ``callable(channels) -> nn.Module`` loaded into ``fused``;
+- ``bench_providers``: the module holding the op's own benchmark providers for
+  ``python -m fusedattn.bench`` (its ``PROVIDERS``, ``PARTS``, ``SHAPES``, ``case``,
+  ``unsupported``, ...: see ``fusedattn.bench.op_bench``); None: the generic providers (eager
+  baseline, torch.compile of it, fused, clone) on the generic shapes;
 - ``adopts``: the qualified names of other libraries' eager classes with the reference's
   parameters, children and forward, which ``fusedattn.convert`` turns into ``fused`` (the fused
   class's ``adopt`` checks an instance's options).
@@ -17,6 +23,7 @@ Adding an op is one ``Op(...)`` in ``OPS``:
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +38,8 @@ class Op:
     baseline: Callable | None = None  # None: the reference class
     adopts: tuple[str, ...] = ()
     doc: str = ""
+    make: Callable | None = None  # (cls, shape) -> module for (N, C, H, W) inputs; None: cls(C)
+    bench_providers: str | None = None  # module of custom benchmark providers; None: generic
 
     def fused_cls(self):
         return getattr(importlib.import_module("fusedattn"), self.fused)
@@ -38,8 +47,19 @@ class Op:
     def reference_cls(self):
         return getattr(importlib.import_module("fusedattn.reference"), self.reference)
 
-    def baseline_module(self, channels: int):
-        """The eager module users hold (timm's if installed and there is one)."""
+    def build(self, cls, shape):
+        """A module of class ``cls`` (the fused or the reference class) for inputs of
+        ``shape`` (N, C, H, W)."""
+        return self.make(cls, tuple(shape)) if self.make is not None else cls(shape[1])
+
+    def baseline_module(self, channels: int, shape=None):
+        """The eager module users hold (timm's if installed and there is one); an op built by
+        ``make`` needs the input ``shape``."""
+        if self.make is not None:
+            if shape is None:
+                raise ValueError(f"{self.name}: its modules are built for an input shape; "
+                                 f"pass shape=(N, C, H, W)")
+            return self.build(self.reference_cls(), shape)
         if self.baseline is not None:
             try:
                 return self.baseline(channels)
@@ -57,6 +77,18 @@ def _timm(name):
     return make
 
 
+def _aaconv(cls, shape):
+    """The paper's ResNet setting for (N, C, H, W) inputs (fusedattn/spec/aaconv.md):
+    out_channels = C, a 3x3 convolution, Nh = 8, dk = max(0.2 C, 20 Nh) and dv = 0.1 C rounded
+    up to multiples of Nh, on the H x W grid."""
+    C, H, W = shape[1:]
+    nh = 8
+
+    def up(v):
+        return max(nh, -(-int(math.ceil(v)) // nh) * nh)
+    return cls(C, C, 3, max(up(0.2 * C), 20 * nh), up(0.1 * C), nh, (H, W))
+
+
 OPS = {op.name: op for op in (
     Op("simam", "simam_forward", "simam", "SimAM", "SimAM",
        doc="SimAM (Yang et al. 2021), parameter-free"),
@@ -67,6 +99,9 @@ OPS = {op.name: op for op in (
        adopts=("timm.layers.eca.EcaModule",), doc="efficient channel attention, timm's EcaModule"),
     Op("cbam", "pool_pixels", "passes", "CBAM", "CBAM", _timm("cbam"),
        adopts=("timm.layers.cbam.CbamModule",), doc="CBAM, timm's CbamModule"),
+    Op("aaconv", "rel_attention", "aaconv", "AugmentedConv2d", "AugmentedConv2d",
+       doc="attention-augmented convolution (Bello et al. 2019), 2-D relative self-attention",
+       make=_aaconv, bench_providers="fusedattn.bench_aaconv"),
 )}
 
 

@@ -8,5 +8,5 @@ source "$(dirname "$0")/env.sh"
 "$VPY" -m pytest -q "$@"
 "$(dirname "$0")/gpu_sanitize.sh"
 for backend in triton cuda; do
-  "$VPY" -m fusedattn.bench --device cuda --backend "$backend" --ops simam,ham,se,eca,cbam
+  "$VPY" -m fusedattn.bench --device cuda --backend "$backend" --ops simam,ham,se,eca,cbam,aaconv
 done

@@ -361,7 +361,7 @@ def test_second_device_and_its_current_stream(op, backend):
         pytest.skip(f"backend {backend} cannot run {op} here: {st.reason}")
     entry = registry.get(op)
     C = 16
-    module = entry.fused_cls()(C)
+    module = entry.build(entry.fused_cls(), (2, C, 9, 11))
     src = torch.randn(2, C, 9, 11)
     g = torch.randn(2, C, 9, 11)
 
