@@ -59,8 +59,9 @@ def test_triton_aot_every_specialisation_sm80_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "fusedattn.aot", "--quiet"], capture_output=True,
                        text=True, env=env, timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert re.search(r"kernels compiled for sm_80, sm_90: 0 failed, \d+ spill", r.stdout), r.stdout
+    # exit status 1 on any failure or spill: the summary says which
+    assert re.search(r"kernels compiled for sm_80, sm_90: 0 failed, \d+ spill", r.stdout), \
+        r.stdout[-3000:] + r.stderr[-3000:]
     spilled = set(re.findall(r"^(sm_\d+ \S+) .*<-- SPILLS$", r.stdout, re.M))
     assert spilled <= KNOWN_SPILLS, f"new spills: {sorted(spilled - KNOWN_SPILLS)}"
 
