@@ -46,6 +46,8 @@ Shapes: ``SHAPES`` below (the spec's ResNet-50 and CIFAR grids).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,23 +151,13 @@ def flex(q, k, v, rel_h, rel_w, H, W, scale):
     return fa(q, k, v, score_mod=score_mod, scale=scale)
 
 
-class WithCore(nn.Module):
-    """The reference module ``ref`` (shared: the same parameters) with its attention computed
-    by ``core``; otherwise fusedattn.reference.AugmentedConv2d.forward line by line."""
-
-    def __init__(self, ref: nn.Module, core):
-        super().__init__()
-        self.ref, self.core = ref, core
-
-    def forward(self, x):
-        m = self.ref
-        m.check_input(x)
-        conv_out = m.conv_out(x)
-        qkv = m.qkv_conv(x)
-        H, W = qkv.shape[2:]
-        q, k, v = m.heads(qkv)
-        attn = self.core(q, k, v, m.rel_h, m.rel_w, H, W, m.dkh ** -0.5)
-        return torch.cat([conv_out, m.attn_out(m.combine(attn, H, W))], dim=1)
+def with_core(ref: nn.Module, core) -> nn.Module:
+    """The reference module ``ref`` with its attention computed by ``core``: a shallow copy
+    (the same parameters and submodules) whose ``attention`` hook
+    (``fusedattn.reference.AugmentedConv2d.attention``) is ``core``."""
+    m = copy.copy(ref)
+    m.attention = core
+    return m
 
 
 class AttentionCore(nn.Module):
@@ -207,8 +199,8 @@ def providers(x: torch.Tensor, training: bool = True, relative: bool = True):
     fused.load_state_dict(ref.state_dict(), strict=True)
     fused.train(training)
     return {"eager": ref, "compile": bench.compiled(ref),
-            "sdpa_bias": WithCore(ref, sdpa_bias), "sdpa_folded": WithCore(ref, sdpa_folded),
-            "flex": WithCore(ref, flex), "fused": fused, "clone": (lambda t: t.clone())}
+            "sdpa_bias": with_core(ref, sdpa_bias), "sdpa_folded": with_core(ref, sdpa_folded),
+            "flex": with_core(ref, flex), "fused": fused, "clone": (lambda t: t.clone())}
 
 
 def attention_providers(x: torch.Tensor, training: bool = True, relative: bool = True):
