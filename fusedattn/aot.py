@@ -8,6 +8,10 @@ full pipeline to PTX and cubin, then ptxas -v
 on the PTX for the register, spill and shared-memory report, and reads the PTX for the widest
 global load of the kernel. Prints one line per kernel and exits non-zero if any kernel fails to
 compile or spills (local memory).
+
+A variant is ``(name, kernel, signature, constexprs, attrs, num_warps)``, or the same with a
+seventh element ``num_stages`` (software-pipelining stages, as the launcher passes them;
+without it, Triton's default).
 """
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ def _variants(only: str | None):
     for mod_name in registry.triton_modules():
         mod = importlib.import_module(f"fusedattn.triton_kernels.{mod_name}")
         for v in mod.aot_variants():
+            if len(v) not in (6, 7):
+                raise ValueError(f"{mod_name}.aot_variants(): expected (name, kernel, signature, "
+                                 f"constexprs, attrs, num_warps[, num_stages]), got {len(v)} items")
             if only is None or only in v[0]:
                 yield v
 
@@ -91,10 +98,15 @@ def widest_global_load(ptx: str) -> int:
     return best
 
 
-def compile_one(name, fn, signature, constexprs, attrs, num_warps, arch) -> Report:
+def compile_one(name, fn, signature, constexprs, attrs, num_warps, arch,
+                num_stages: int | None = None) -> Report:
+    """Compile one variant for sm_<arch> (num_stages None: Triton's default)."""
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
     try:
         src = ASTSource(fn, signature, constexprs, attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = k.asm["ptx"]
         assert k.asm.get("cubin"), "no cubin produced"
         rep = ptxas_report(ptx, arch)
@@ -106,8 +118,9 @@ def compile_one(name, fn, signature, constexprs, attrs, num_warps, arch) -> Repo
 
 def _compile_index(job) -> Report:
     arch, only, i = job
-    name, fn, sig, consts, attrs, warps = list(_variants(only))[i]
-    return compile_one(name, fn, sig, consts, attrs, warps, arch)
+    name, fn, sig, consts, attrs, warps, *stages = list(_variants(only))[i]
+    return compile_one(name, fn, sig, consts, attrs, warps, arch,
+                       num_stages=stages[0] if stages else None)
 
 
 def main(argv=None) -> int:

@@ -201,6 +201,22 @@ def test_grouped_query_blocks_and_two_level_sum(k, device, monkeypatch):
 def test_low_precision(k, device, dtype, shape):
     """flash-attention's rule: against the fp64 result, the kernels' error is at most twice the
     eager formula's error at the same precision (plus the dtype's small absolute slack)."""
+    check_low_precision(k, device, dtype, shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 2, 5, 7, 40, 64), (1, 2, 5, 7, 64, 20)], ids=_id)
+def test_fp32_wide_heads(k, device, shape):
+    """fp32 with 64-wide q/k heads on a grid padding to G = 16: the dq kernel's 32-query
+    blocks of the spill fixes (_SPILL_FIXES; two blocks, the last partial), read back by the
+    tables-gradient kernel with the same block; under the rule of test_low_precision."""
+    N, Nh, H, W, dkh, dvh = shape
+    cfg = k.config("dq", 4, k._pad(dkh), k._pad(dvh), 16, True)
+    assert cfg.block_m == 32 and k.rel_config(4, k._pad(dkh), 16)[0] == 32
+    check_low_precision(k, device, torch.float32, shape)
+
+
+def check_low_precision(k, device, dtype, shape):
     N, Nh, H, W, dkh, dvh = shape
     q, kk, v, rel_h, rel_w = make(N, Nh, H, W, dkh, dvh, dtype, strided=True, device=device)
     scale = dkh ** -0.5
@@ -299,7 +315,7 @@ class _Recorder:
         self.params = list(inspect.signature(kernel.fn).parameters)
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, **consts):
+        def launch(*args, num_warps, num_stages, **consts):
             sig, cons = {}, dict(consts)
             for name, v in zip(self.params, args):
                 if v is None:
@@ -315,7 +331,7 @@ class _Recorder:
                 sig[name] = "constexpr"
             assert set(sig) == set(self.params), (self.params, sig)
             assert all(g >= 1 for g in grid)
-            self.log.append((self.kernel, sig, cons, num_warps))
+            self.log.append((self.kernel, sig, cons, num_warps, num_stages))
         return launch
 
 
@@ -343,25 +359,37 @@ def test_configs_and_aot_variants(k):
     for *_, cfg in k.specializations():
         for b in (cfg.block_m, cfg.block_n):
             assert b >= 16 and b & (b - 1) == 0
+    # the tables-gradient kernel reads the dq kernel's scratch rows: one query block per
+    # (dtype, DK, G), whatever DV
+    for eb in (2, 4, 8):
+        for DK in k.HEAD_PADS:
+            for G in k.GRID_PADS:
+                bms = {k.config("dq", eb, DK, DV, G, True).block_m for DV in k.HEAD_PADS}
+                assert bms == {k.rel_config(eb, DK, G)[0]}, (eb, DK, G, bms)
+    # every spill fix is a form the launchers can pick
+    specs = {(k._eb(dtype), kernel, DK, DV, G if kernel == "dq" else None, rel): cfg
+             for kernel, dtype, DK, DV, G, rel, cfg in k.specializations()}
+    for key, fix in k._SPILL_FIXES.items():
+        assert specs[key] == k.Config(*fix), key
     for n in ("aaconv_fwd_fp16_dk16_dv16_rel_", "aaconv_dq_bf16_dk64_dv32_g64_",
               "aaconv_dkdv_fp64_dk32_dv64_norel_", "aaconv_pre_fp32_dv64", "aaconv_sum_fp64",
               "aaconv_tables_bf16_dk16_g32", "aaconv_rel_fp32_dk64_g16"):
         assert any(v.startswith(n) for v in names), n
-    for name, fn, sig, consts, attrs, warps in variants:
+    for name, fn, sig, consts, attrs, warps, stages in variants:
         assert list(sig) == list(inspect.signature(fn.fn).parameters), name
-        assert attrs == {} and warps in (1, 2, 4, 8, 16)
+        assert attrs == {} and warps in (1, 2, 4, 8, 16) and stages in (1, 2, 3, 4)
 
 
 def test_launches_are_aot_variants(k, monkeypatch):
     """Every kernel form the launchers launch (every dtype, padded head size, padded grid side,
     with and without tables, forward and backward) is one that aot_variants() lists, with its
-    warps: the AOT check (python -m fusedattn.aot) compiles all that can run. Launches are
-    recorded, not run."""
+    warps and stages: the AOT check (python -m fusedattn.aot) compiles all that can run.
+    Launches are recorded, not run."""
     aot = {}
-    for name, fn, sig, consts, attrs, warps in k.aot_variants():
+    for name, fn, sig, consts, attrs, warps, stages in k.aot_variants():
         key = _key(fn, sig, consts)
         assert key not in aot, name
-        aot[key] = (name, warps)
+        aot[key] = (name, warps, stages)
     log = []
     for attr in ("_fwd_kernel", "_tables_kernel", "_bwd_pre_kernel", "_bwd_dq_kernel",
                  "_bwd_rel_kernel", "_bwd_dkdv_kernel", "_sum_rows_kernel"):
@@ -381,11 +409,11 @@ def test_launches_are_aot_variants(k, monkeypatch):
                                             make(1, 2, H, W, dkh, dvh, torch.float64, relative))
                         out, lse = k.forward(q, kk, v, rh, rw, H, W, 0.5)
                         k.backward(out, q, kk, v, rh, rw, out, lse, H, W, 0.5)
-                        for fn, sig, cons, warps in log:
+                        for fn, sig, cons, warps, stages in log:
                             key = _key(fn, sig, cons)
                             assert key in aot, f"launch not in aot_variants: {sig} {cons}"
-                            assert aot[key][1] == warps, aot[key]
+                            assert aot[key][1:] == (warps, stages), (aot[key], warps, stages)
                             seen.add(aot[key][0])
                         log.clear()
-    missing = {v for v, _ in aot.values()} - seen
+    missing = {v[0] for v in aot.values()} - seen
     assert not missing, sorted(missing)[:10]

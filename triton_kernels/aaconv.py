@@ -85,6 +85,8 @@ SUM_CHUNK = 32        # slots each program of the first level of the workspace s
 SUM_BLOCK = 512       # elements per program of the workspace sum
 PRE_BLOCK = 64        # queries per program of the D = rowsum(dout * out) kernel
 REL_WARPS = 8         # warps of the tables-gradient kernel
+STAGES = 3            # software-pipelining stages of every launch but the exceptions below
+                      # (_SPILL_FIXES, _REL_STAGES): Triton's default on CUDA
 
 # 3xTF32: fp32 operands split in a high and a low TF32 part (three MMAs), error about fp32's
 FP32_DOT: tl.constexpr = tl.constexpr("tf32x3")
@@ -521,10 +523,12 @@ def _sum_rows_kernel(src_ptr, dst_ptr, P, E, CHUNK, BLOCK: tl.constexpr, ACC: tl
 
 @dataclass(frozen=True)
 class Config:
-    """One launch specialisation of a main kernel: query block, key block, warps."""
+    """One launch specialisation of a main kernel: query block, key block, warps,
+    software-pipelining stages of the key (query) loop."""
     block_m: int
     block_n: int
     num_warps: int
+    num_stages: int = STAGES
 
 
 KERNELS = ("fwd", "dq", "dkdv")
@@ -546,6 +550,23 @@ _TABLES_BLOCK = {2: (32, 4), 4: (16, 8), 8: (16, 4)}  # (queries, warps)
 # dq kernel's BLOCK_M is shared with the tables-gradient kernel, so it must not depend on DV.
 _WIDE = {(4, "dkdv"): (16, 16, 4), (8, "dkdv"): (16, 16, 4),
          (2, "fwd"): (64, 32, 4)}
+# Single specialisations where ptxas spills with the _TILES / _WIDE choice on sm_80 or sm_90
+# (fp32's 3xTF32 keeps a high and a low half of every operand live), each replaced by the
+# nearest form that spills on neither (a sweep over tiles, warps and stages; python -m
+# fusedattn.aot): one pipelining stage (no prefetched k, v tiles held across the loop), and for
+# fp32 dq with tables, DK = 64 and G = 16 a 32-query block on 8 warps (16-query blocks spill
+# for DV = 64 at every warp and stage count tried; BLOCK_M is shared with the tables-gradient
+# kernel, so DV = 16, which did not spill, takes it too, keeping STAGES). Key: (element bytes,
+# kernel, DK, DV, G for dq else None, relative); value: (BLOCK_M, BLOCK_N, warps, stages).
+_SPILL_FIXES = {
+    (4, "dq", 32, 32, 16, True): (16, 16, 4, 1),
+    (4, "dq", 64, 16, 16, True): (32, 16, 8, 3),
+    (4, "dq", 64, 32, 16, True): (32, 16, 8, 1),
+    (4, "dq", 64, 64, 16, True): (32, 16, 8, 1),
+    (4, "dkdv", 16, 64, None, False): (16, 16, 4, 1),
+}
+# Stages of the tables-gradient kernel where STAGES spills, by (element bytes, DK, G).
+_REL_STAGES = {(8, 32, 64): 2}
 
 
 def _pad(n: int) -> int:
@@ -555,7 +576,12 @@ def _pad(n: int) -> int:
 
 def config(kernel: str, elem_bytes: int, DK: int, DV: int, G: int, relative: bool) -> Config:
     """The launcher's choice for a main kernel ("fwd", "dq", "dkdv"): _TILES by element size,
-    _WIDE where the padded head sizes (or dq's grid side) are large. Never the GPU."""
+    _WIDE where the padded head sizes (or dq's grid side) are large, _SPILL_FIXES for single
+    specialisations. Never the GPU."""
+    fix = _SPILL_FIXES.get((elem_bytes, kernel, DK, DV, G if kernel == "dq" else None,
+                            bool(relative)))
+    if fix is not None:
+        return Config(*fix)
     bm, bn, warps = _TILES[elem_bytes][kernel]
     wide = _WIDE.get((elem_bytes, kernel))
     g = (G or 0) if kernel == "dq" else 0  # only dq specialises on the grid side
@@ -568,6 +594,13 @@ def tables_config(elem_bytes: int) -> tuple[int, int]:
     """(queries per program, warps) of the tables kernel (per table a [2G, DK] x [DK, BLOCK]
     MMA, the [2G, DK] operand split over the warps)."""
     return _TABLES_BLOCK[elem_bytes]
+
+
+def rel_config(elem_bytes: int, DK: int, G: int) -> tuple[int, int, int]:
+    """(queries per program, warps, stages) of the tables-gradient kernel: the dq kernel's
+    query block (the scratch rows it leaves), REL_WARPS, STAGES but for _REL_STAGES."""
+    return (config("dq", elem_bytes, DK, HEAD_PADS[0], G, True).block_m, REL_WARPS,
+            _REL_STAGES.get((elem_bytes, DK, G), STAGES))
 
 
 def _acc(dtype: torch.dtype):
@@ -631,8 +664,8 @@ def _signature(kernel, t: str, st: str, consts: dict) -> dict:
 
 
 def aot_variants():
-    """(name, kernel, signature, constexprs, attrs, num_warps) of every compiled form the
-    launchers can produce (``python -m fusedattn.aot``): the three main kernels per
+    """(name, kernel, signature, constexprs, attrs, num_warps, num_stages) of every compiled
+    form the launchers can produce (``python -m fusedattn.aot``): the three main kernels per
     specializations(); per dtype, the D pre-pass per DV, the tables kernel and the
     tables-gradient kernel per DK and G; the workspace sum per accumulation dtype. Names read
     ``aaconv_<fwd|dq|dkdv>_<dtype>_dk<DK>_dv<DV>_<rel|g<G>|norel>_m<BLOCK_M>_n<BLOCK_N>``,
@@ -653,27 +686,27 @@ def aot_variants():
         grid = "norel" if not rel else (f"g{G}" if G is not None else "rel")
         yield (f"aaconv_{kernel}_{t}_dk{DK}_dv{DV}_{grid}_"
                f"m{cfg.block_m}_n{cfg.block_n}", fn, _signature(fn, t, st, consts), consts, {},
-               cfg.num_warps)
+               cfg.num_warps, cfg.num_stages)
     for dtype, t in _TL_NAMES.items():
         st = "fp64" if dtype == torch.float64 else "fp32"
         for DV in HEAD_PADS:
             consts = {"BLOCK_M": PRE_BLOCK, "DV": DV, "ACC": _acc(dtype)}
             yield (f"aaconv_pre_{t}_dv{DV}", _bwd_pre_kernel,
-                   _signature(_bwd_pre_kernel, t, st, consts), consts, {}, 4)
+                   _signature(_bwd_pre_kernel, t, st, consts), consts, {}, 4, STAGES)
         for DK in HEAD_PADS:
             for G in GRID_PADS:
                 bm, warps = tables_config(_eb(dtype))
                 consts = {"BLOCK_M": bm, "DK": DK, "G": G}
                 yield (f"aaconv_tables_{t}_dk{DK}_g{G}", _tables_kernel,
-                       _signature(_tables_kernel, t, st, consts), consts, {}, warps)
-                consts = {"BLOCK_M": config("dq", _eb(dtype), DK, 16, G, True).block_m,
-                          "DK": DK, "G": G, "ACC": _acc(dtype)}
+                       _signature(_tables_kernel, t, st, consts), consts, {}, warps, STAGES)
+                bm, warps, stages = rel_config(_eb(dtype), DK, G)
+                consts = {"BLOCK_M": bm, "DK": DK, "G": G, "ACC": _acc(dtype)}
                 yield (f"aaconv_rel_{t}_dk{DK}_g{G}", _bwd_rel_kernel,
-                       _signature(_bwd_rel_kernel, t, st, consts), consts, {}, REL_WARPS)
+                       _signature(_bwd_rel_kernel, t, st, consts), consts, {}, warps, stages)
     for st, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
         consts = {"BLOCK": SUM_BLOCK, "ACC": _acc(dtype)}
         yield (f"aaconv_sum_{st}", _sum_rows_kernel, _signature(_sum_rows_kernel, st, st, consts),
-               consts, {}, 4)
+               consts, {}, 4, STAGES)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -772,7 +805,7 @@ def _launch_cfg(kernel, q, dkh, dvh, H, W, relative):
     DK, DV, G = _sizes(dkh, dvh, H, W, relative)
     cfg = config(kernel, q.element_size(), DK, DV, G, relative)
     kw = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DK=DK, DV=DV, RELATIVE=relative,
-              ACC=_acc(q.dtype), num_warps=cfg.num_warps)
+              ACC=_acc(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if kernel == "dq":
         kw["G"] = G
     return cfg, kw
@@ -786,7 +819,7 @@ def _tables(q, rw, rh, rs, H, W, dkh):
     bm, warps = tables_config(q.element_size())
     QB = triton.cdiv(L, bm)
     _tables_kernel[(N * Nh * QB,)](q, rw, rh, tables, Nh, L, H, W, dkh, QB, *_strides(q), *rs,
-                                   BLOCK_M=bm, DK=DK, G=G, num_warps=warps)
+                                   BLOCK_M=bm, DK=DK, G=G, num_warps=warps, num_stages=STAGES)
     return tables
 
 
@@ -834,7 +867,7 @@ def _sum_slots(ws: torch.Tensor) -> torch.Tensor:
         dst = torch.empty((C, *ws.shape[1:]), dtype=ws.dtype, device=ws.device)
         _sum_rows_kernel[(triton.cdiv(E, SUM_BLOCK), C)](src, dst, P, E, SUM_CHUNK,
                                                         BLOCK=SUM_BLOCK, ACC=_acc(ws.dtype),
-                                                        num_warps=4)
+                                                        num_warps=4, num_stages=STAGES)
         src, P = dst, C
     return src[0]
 
@@ -877,7 +910,7 @@ def backward(dout, q, k, v, rel_h, rel_w, out, lse, H, W, scale):
         QB = triton.cdiv(L, PRE_BLOCK)
         _bwd_pre_kernel[(N * Nh * QB,)](dout, out, d, Nh, L, dvh, QB, *sg, *_strides(out),
                                         BLOCK_M=PRE_BLOCK, DV=_pad(dvh), ACC=_acc(q.dtype),
-                                        num_warps=4)
+                                        num_warps=4, num_stages=STAGES)
         DK, DV, G = _sizes(dkh, dvh, H, W, relative)
         tables = _tables(q, rw, rh, rs, H, W, dkh) if relative else None
         cfg, kw = _launch_cfg("dq", q, dkh, dvh, H, W, relative)
@@ -893,13 +926,16 @@ def backward(dout, q, k, v, rel_h, rel_w, out, lse, H, W, scale):
             rel = torch.cat([rw, rh]).contiguous()  # (2W - 1 + 2H - 1, dkh), rel_w's rows first
             scr = torch.empty((programs, cfg.block_m, 2 * G + DK), dtype=acc, device=q.device)
             ws = torch.empty((programs, 2 * W - 1 + 2 * H - 1, dkh), dtype=acc, device=q.device)
+            rel_bm, rel_warps, rel_stages = rel_config(q.element_size(), DK, G)
+            assert rel_bm == cfg.block_m  # the scratch rows of a dq program
             for u0 in range(0, units, programs):
                 grid = (min(programs, units - u0),)
                 _bwd_dq_kernel[grid](q, k, v, tables, sc, dout, lse, d, dq, scr, *args, u0,
                                      *strides, **kw)
                 _bwd_rel_kernel[grid](q, rel, sc, scr, dq, ws, Nh, L, H, W, dkh, QB, u0, *sq,
-                                      *_strides(dq), BLOCK_M=cfg.block_m, DK=DK, G=G,
-                                      ACC=_acc(q.dtype), num_warps=REL_WARPS)
+                                      *_strides(dq), BLOCK_M=rel_bm, DK=DK, G=G,
+                                      ACC=_acc(q.dtype), num_warps=rel_warps,
+                                      num_stages=rel_stages)
         cfg, kw = _launch_cfg("dkdv", q, dkh, dvh, H, W, relative)
         KB = triton.cdiv(L, cfg.block_n)
         _bwd_dkdv_kernel[(N * Nh * KB,)](q, k, v, tables, sc, dout, lse, d, dk, dv, Nh, L, W,
