@@ -13,7 +13,8 @@ and history tools). An op whose fused module does not exist (yet) is skipped, an
 
 ``test_models_smoke`` runs the model benchmark (``python -m fusedattn.bench --models``) end to end
 on tiny settings (``pytest benchmarks/test_bench.py -k models``; ``--benchmark-only`` skips it);
-``test_aaconv_smoke`` runs ``python -m fusedattn.bench --ops aaconv`` on a tiny shape."""
+``test_aaconv_smoke`` runs ``python -m fusedattn.bench --ops aaconv`` on a tiny shape, and
+``test_stn_smoke`` ``--ops stn`` (its sampler part differentiates x and theta)."""
 import pytest
 import torch
 
@@ -154,3 +155,68 @@ def test_aaconv_smoke(tmp_path, monkeypatch):
     tables = (2 * 5 - 1 + 2 * 5 - 1) * 20 * 4  # rel_h, rel_w: (2H - 1, dkh), (2W - 1, dkh) fp32
     assert fused["saved_bound_bytes"] == bench_aaconv.saved_bound((2, 96, 5, 5), torch.float32)
     assert fused["saved_bytes"] <= fused["saved_bound_bytes"] + tables
+
+
+def test_stn_smoke(tmp_path, monkeypatch):
+    """``python -m fusedattn.bench --ops stn`` end to end on a tiny shape (2x3x8x8) and one period
+    of the provider orders: its md has a line per part (sampler, module) and mode, a column per
+    provider, the ratio column and fused's saved bytes over x + theta with stn's footnote; the
+    fused sampler saves exactly x and theta (no grid), eager also the grid; and the sampler's
+    backward differentiates theta along with x (its providers' ``grad_inputs``) for every
+    provider. As test_aaconv_smoke: torch.compile's "eager" backend, one thread."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from fusedattn import bench_stn
+    monkeypatch.setenv(bench.COMPILE_BACKEND_ENV, "eager")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child's
+    spec = bench.op_bench("stn")
+    assert spec.providers == bench_stn.PROVIDERS and spec.period == 4
+    assert spec.saved_bound_note == bench_stn.SAVED_BOUND_NOTE
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    _, fns, _ = spec.case("sampler", x, 0.0, training=True)
+    for p in ("eager", "compile", "fused"):
+        (theta,) = fns[p].grad_inputs
+        calls = bench.mode_callables(fns[p], x, torch.randn_like(x), with_grad=True)
+        for m in ("bwd", "fwd+bwd"):
+            if isinstance(calls[m], bench.Backward):
+                calls[m].prepare(1)
+            dx, dtheta = calls[m]()
+            assert dx.shape == x.shape and dtheta.shape == theta.shape == (2, 2, 3), (p, m)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = bench.main(["--ops", "stn", "--device", "cpu", "--shapes", "2x3x8x8",
+                         "--reps", str(spec.period), "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    for ext in ("md", "json", "csv", "png"):
+        assert (tmp_path / f"stn_cpu.{ext}").stat().st_size > 0
+    md = (tmp_path / "stn_cpu.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| part |"))
+    for p in bench_stn.PROVIDERS:
+        assert f"| {p} ms |" in head, p
+    assert "| fused / fastest other |" in head and "| fused saved / bound |" in head
+    assert bench_stn.SAVED_BOUND_NOTE in md and "q + k + v" not in md
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    for part in bench_stn.PARTS:
+        for mode in bench.MODES:
+            start = f"| {part} | 2x3x8x8 | float32 | contiguous | {mode} |"
+            line = next((ln for ln in md.splitlines() if ln.startswith(start)), None)
+            assert line is not None, (part, mode)
+            cells = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+            for p in ("eager", "compile", "fused"):
+                assert float(cells[f"{p} ms"]) > 0, (part, mode, p)
+            assert cells["fused / fastest other"].split()[0].replace(".", "").isdigit()
+            if part == "sampler" and mode == "fwd":
+                assert cells["fused saved / bound"] == "1.000"
+    res = json.loads((tmp_path / "stn_cpu.json").read_text())
+    rows = res["rows"]
+    assert {r["part"] for r in rows} == set(bench_stn.PARTS)
+    assert all(r["peak_added_bytes"] is not None for r in rows if r["mode"] == "fwd")  # the child
+    saved = {r["provider"]: r for r in rows if (r["part"], r["mode"]) == ("sampler", "fwd")}
+    bound = bench_stn.saved_bound((2, 3, 8, 8), torch.float32)
+    assert bound == (2 * 3 * 8 * 8 + 2 * 6) * 4 == saved["fused"]["saved_bound_bytes"]
+    assert saved["fused"]["saved_bytes"] == bound
+    assert saved["eager"]["saved_bytes"] == 2 * 3 * 8 * 8 * 4 + 2 * 8 * 8 * 2 * 4  # x + grid

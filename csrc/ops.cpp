@@ -38,6 +38,15 @@ TORCH_LIBRARY(fusedattn, m) {
   m.def("rel_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rel_h,"
         " Tensor? rel_w, Tensor out, Tensor lse, int H, int W, float scale)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor? drel_h, Tensor? drel_w)");
+
+  // Affine sampling of the spatial transformer (fusedattn/ops/stn.py states the math and the
+  // layouts, csrc/stn_check.h the checks): y = grid_sample(x, affine_grid(theta, (N, C, Ho, Wo)))
+  // bilinear, zeros padding, without the grid. x (N, C, H, W) contiguous or channels-last; theta
+  // (N, 2, 3) contiguous fp32 (fp64 for fp64 x); y in x's memory format; dx gathered (no
+  // atomics), dtheta a fixed-order per-sample reduction; each computed only when asked for.
+  m.def("affine_sample(Tensor x, Tensor theta, int Ho, int Wo, bool align_corners) -> Tensor");
+  m.def("affine_sample_backward(Tensor dy, Tensor x, Tensor theta, bool align_corners,"
+        " bool need_dx, bool need_dtheta) -> (Tensor? dx, Tensor? dtheta)");
 }
 
 namespace {

@@ -306,6 +306,7 @@ class OpBench:
     compare: tuple[str, ...] = ()  # providers of "fused / fastest other" (custom table only)
     saved_bound: Callable | None = None  # (shape, dtype) -> bytes the fused op may save
     custom: bool = False  # the op's own module: its table has a column per provider
+    saved_bound_note: str = ""  # the table's footnote on saved_bound ("": aaconv's)
 
     @property
     def period(self) -> int:
@@ -322,7 +323,10 @@ def op_bench(op: str) -> OpBench:
     """The providers, parts, default shapes and unsupported cells of registry op ``op``: its
     ``bench_providers`` module's (e.g. fusedattn.bench_aaconv: PROVIDERS, PARTS, case, SHAPES,
     QUICK_SHAPES, LAYOUTS, ROUND_PERIODS, unsupported, COMPARE, saved_bound), else the generic
-    ones of this file (PROVIDERS, one part "module", SHAPES, 4 periods of rounds)."""
+    ones of this file (PROVIDERS, one part "module", SHAPES, 4 periods of rounds). The module may
+    also have SAVED_BOUND_NOTE (the table's footnote on saved_bound), and its provider callables
+    a ``grad_inputs`` attribute (further leaves that bwd and fwd+bwd differentiate along with x:
+    ``grad_inputs``)."""
     entry = registry.get(op)
     if entry.bench_providers is None:
         return OpBench(PROVIDERS, ("module",), _generic_case(op), list(SHAPES),
@@ -332,7 +336,7 @@ def op_bench(op: str) -> OpBench:
     return OpBench(tuple(mod.PROVIDERS), tuple(mod.PARTS), mod.case, list(mod.SHAPES),
                    list(mod.QUICK_SHAPES), mod.LAYOUTS, mod.ROUND_PERIODS, mod.unsupported,
                    tuple(getattr(mod, "COMPARE", ())), getattr(mod, "saved_bound", None),
-                   custom=True)
+                   custom=True, saved_bound_note=getattr(mod, "SAVED_BOUND_NOTE", ""))
 
 
 class Backward:
@@ -342,20 +346,28 @@ class Backward:
 
     def __init__(self, f, x, g):
         self.f, self.x, self.g, self.ys = f, x, g, []
+        self.wrt = grad_inputs(f, x)
 
     def prepare(self, k: int) -> None:
         self.ys = [self.f(self.x) for _ in range(k)]
 
     def __call__(self):
-        return torch.autograd.grad(self.ys.pop(), self.x, self.g)
+        return torch.autograd.grad(self.ys.pop(), self.wrt, self.g)
+
+
+def grad_inputs(f, x) -> tuple:
+    """What the backward of provider ``f`` differentiates: x, and the further leaves ``f`` names
+    in its ``grad_inputs`` attribute (e.g. fusedattn/bench_stn.py's theta)."""
+    return (x, *getattr(f, "grad_inputs", ()))
 
 
 def mode_callables(f, x, g, with_grad: bool):
     """The training-mode timing targets of provider ``f`` (x requires grad)."""
     calls = {"fwd": lambda: f(x)}
     if with_grad:
+        wrt = grad_inputs(f, x)
         calls["bwd"] = Backward(f, x, g)
-        calls["fwd+bwd"] = lambda: torch.autograd.grad(f(x), x, g)
+        calls["fwd+bwd"] = lambda: torch.autograd.grad(f(x), wrt, g)
     return calls
 
 
@@ -598,7 +610,8 @@ def table_providers(rows, spec: OpBench) -> str:
                  "forward+backward adds at its peak.")
     if spec.saved_bound:
         lines.append("")
-        lines.append("fused saved / bound: fused's saved bytes over q + k + v + out + one fp32 "
+        lines.append(spec.saved_bound_note or
+                     "fused saved / bound: fused's saved bytes over q + k + v + out + one fp32 "
                      "per (query, head), N Nh HW (2 dkh + 2 dvh) elem + N Nh HW 4 (the target: at "
                      "most 1; the relative tables, parameters, come on top). The module part "
                      "also saves x, the convolutions' weights and their inputs.")

@@ -8,7 +8,7 @@ Backends:
   ``eager``   the eager reference (``fusedattn.reference``), for any device.
 
 Ops are named by their public names (``fusedattn.registry.OPS``: "simam", "ham", "se", "eca",
-"cbam"). Default: CPU tensors use ``cpu``; CUDA tensors use ``triton``, then ``cuda`` if triton cannot run
+"cbam", "aaconv", "stn"). Default: CPU tensors use ``cpu``; CUDA tensors use ``triton``, then ``cuda`` if triton cannot run
 (with a warning that names the reason). A backend chosen with :func:`use_backend` or the
 environment variable ``FUSEDATTN_BACKEND`` must run, or the op raises
 :class:`BackendUnavailable` with the reason: nothing falls back silently.
@@ -111,7 +111,10 @@ def _triton_import_error() -> str:
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedattn::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedattn::{op}", key)
+    except RuntimeError:  # a build from before the op was added has no schema for it
+        return False
 
 
 def status(name: str, op: str) -> Status:

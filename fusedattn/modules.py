@@ -15,6 +15,7 @@ from .ops.ham import channel_conv
 from .ops.ham import ham as ham_op
 from .ops.norm import Norm
 from .ops.simam import check_lambda
+from .ops.stn import affine_sample
 from .ops.zoo import zoo as zoo_op
 
 
@@ -351,3 +352,14 @@ class AugmentedConv2d(reference.AugmentedConv2d):
 
     op_name = "aaconv"
     attention = staticmethod(rel_attention)  # the reference's forward, this attention
+
+
+class SpatialTransformer(reference.SpatialTransformer):
+    """Fused spatial transformer: the reference's constructor, parameters and state_dict (it
+    subclasses ``fusedattn.reference.SpatialTransformer``); the localisation network stays the
+    user's, the sampler is the fused op ``fusedattn.affine_sample`` (no grid tensor; autograd
+    keeps x and theta only; gradients gathered, deterministic). Backend ``eager`` runs
+    ``affine_grid`` + ``grid_sample``."""
+
+    op_name = "stn"
+    sample = staticmethod(affine_sample)

@@ -399,12 +399,12 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torc
     return torch.softmax(logits, dim=-1) @ v
 
 
-def _pair(v, what):
+def _pair(v, what, owner="AugmentedConv2d"):
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in v)):
-        raise ValueError(f"AugmentedConv2d: {what} must be a positive int or a pair of them, "
+        raise ValueError(f"{owner}: {what} must be a positive int or a pair of them, "
                          f"got {v!r}")
     return tuple(v)
 
@@ -519,3 +519,109 @@ class AugmentedConv2d(nn.Module):
                 f"kernel_size={self.kernel_size}, dk={self.dk}, dv={self.dv}, "
                 f"num_heads={self.num_heads}, feat_size={self.feat_size}, "
                 f"relative={self.relative}, stride={self.stride}")
+
+
+# ----------------------------------------------------------------------------- spatial transformer
+
+def affine_sample(x: torch.Tensor, theta: torch.Tensor, size=None,
+                  align_corners: bool = False) -> torch.Tensor:
+    """The spatial transformer's sampler as PyTorch users write it: ``F.grid_sample(x,
+    F.affine_grid(theta, (N, C, Ho, Wo), align_corners), mode="bilinear", padding_mode="zeros",
+    align_corners=align_corners)``. ``size``: None (x's H, W), (Ho, Wo) or (N, C, Ho, Wo).
+    theta is cast to x's dtype (grid_sample needs the grid in x's dtype)."""
+    import torch.nn.functional as F
+    if size is None:
+        size = x.shape[2:]
+    size = (x.shape[0], x.shape[1], *tuple(size)[-2:])
+    grid = F.affine_grid(theta.to(x.dtype), size, align_corners=align_corners)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=align_corners)
+
+
+IDENTITY_THETA = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def default_localization(in_channels: int) -> nn.Module:
+    """The localisation network of PyTorch's spatial transformer tutorial, made size-agnostic
+    (same-padded convolutions, ceil-mode pools, a 3 x 3 adaptive average pool before the MLP):
+    conv 7x7 -> 8, max-pool 2, ReLU, conv 5x5 -> 10, max-pool 2, ReLU, pool to 3 x 3,
+    Linear(90, 32), ReLU, Linear(32, 6). Any input of at least 1 x 1 pixels."""
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"SpatialTransformer: in_channels must be a positive int, got "
+                         f"{in_channels!r}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 7, padding=3), nn.MaxPool2d(2, ceil_mode=True), nn.ReLU(True),
+        nn.Conv2d(8, 10, 5, padding=2), nn.MaxPool2d(2, ceil_mode=True), nn.ReLU(True),
+        nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(90, 32), nn.ReLU(True), nn.Linear(32, 6))
+
+
+def _last_linear(module: nn.Module):
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last
+
+
+class SpatialTransformer(nn.Module):
+    """Spatial transformer (Jaderberg et al., NeurIPS 2015), affine, bilinear::
+
+        theta = localization(x).view(N, 2, 3)
+        y = grid_sample(x, affine_grid(theta, (N, C, Ho, Wo), align_corners), bilinear, zeros)
+
+    ``localization``: any module mapping x (N, C, H, W) to 6 numbers per sample ((N, 6) or
+    (N, 2, 3)); None builds :func:`default_localization` for ``in_channels``. As in the paper,
+    the transform starts as the identity: the localisation's last ``nn.Linear`` (it must have 6
+    outputs) gets zero weights and the bias (1, 0, 0, 0, 1, 0); ``init_identity=False`` leaves
+    a user's module as it is. ``out_size``: None (the input's H, W), an int or (Ho, Wo).
+    ``forward(x, return_theta=False)`` returns y, or (y, theta) with theta (N, 2, 3)."""
+
+    # the sampler on (x, theta, (Ho, Wo), align_corners); fusedattn.SpatialTransformer: fused
+    sample = staticmethod(affine_sample)
+
+    def __init__(self, localization: nn.Module | None = None, out_size=None,
+                 align_corners: bool = False, *, in_channels: int | None = None,
+                 init_identity: bool = True):
+        super().__init__()
+        if localization is None:
+            if in_channels is None:
+                raise ValueError("SpatialTransformer: give a localization network, or "
+                                 "in_channels for the default one")
+            localization = default_localization(in_channels)
+        elif not isinstance(localization, nn.Module):
+            raise TypeError(f"SpatialTransformer: localization must be an nn.Module, got "
+                            f"{type(localization).__name__}")
+        if not isinstance(align_corners, bool):
+            raise TypeError(f"SpatialTransformer: align_corners must be a bool, got "
+                            f"{align_corners!r}")
+        self.localization = localization
+        self.out_size = None if out_size is None else _pair(out_size, "out_size", "SpatialTransformer")
+        self.align_corners = align_corners
+        if init_identity:
+            last = _last_linear(localization)
+            if last is None or last.out_features != 6 or last.bias is None:
+                raise ValueError("SpatialTransformer: the identity start needs the "
+                                 "localization's last nn.Linear to have 6 outputs and a bias; "
+                                 "pass init_identity=False to keep the module as it is")
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.copy_(torch.tensor(IDENTITY_THETA, dtype=last.bias.dtype))
+
+    def theta(self, x: torch.Tensor) -> torch.Tensor:
+        """The localisation's transform for x, (N, 2, 3)."""
+        t = self.localization(x)
+        if t.dim() < 2 or t.shape[0] != x.shape[0] or t[0].numel() != 6:
+            raise ValueError(f"SpatialTransformer: the localization must give 6 numbers per "
+                             f"sample, got shape {tuple(t.shape)} for {x.shape[0]} samples")
+        return t.reshape(x.shape[0], 2, 3)
+
+    def forward(self, x: torch.Tensor, return_theta: bool = False):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"SpatialTransformer: expected an input of shape (N, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        theta = self.theta(x)
+        y = self.sample(x, theta, self.out_size, self.align_corners)
+        return (y, theta) if return_theta else y
+
+    def extra_repr(self) -> str:
+        return f"out_size={self.out_size}, align_corners={self.align_corners}"

@@ -89,6 +89,12 @@ def _aaconv(cls, shape):
     return cls(C, C, 3, max(up(0.2 * C), 20 * nh), up(0.1 * C), nh, (H, W))
 
 
+def _stn(cls, shape):
+    """A spatial transformer for (N, C, H, W) inputs: the default localisation network for C
+    channels, output of the input's size."""
+    return cls(in_channels=shape[1])
+
+
 OPS = {op.name: op for op in (
     Op("simam", "simam_forward", "simam", "SimAM", "SimAM",
        doc="SimAM (Yang et al. 2021), parameter-free"),
@@ -102,6 +108,9 @@ OPS = {op.name: op for op in (
     Op("aaconv", "rel_attention", "aaconv", "AugmentedConv2d", "AugmentedConv2d",
        doc="attention-augmented convolution (Bello et al. 2019), 2-D relative self-attention",
        make=_aaconv, bench_providers="fusedattn.bench_aaconv"),
+    Op("stn", "affine_sample", "stn", "SpatialTransformer", "SpatialTransformer",
+       doc="spatial transformer (Jaderberg et al. 2015), affine bilinear sampling",
+       make=_stn, bench_providers="fusedattn.bench_stn"),
 )}
 
 

@@ -341,7 +341,7 @@ def test_every_global_function_runs(emu_runs, variant):
     case of the unmodified sources."""
     launched = set()
     for eid, r in emu_runs[variant].results.items():
-        if eid.startswith(("simam/", "passes/")):
+        if eid.startswith(("simam/", "passes/", "stn/")):
             for line in r.get("launches", []):
                 m = re.match(r"void fusedattn::\{anonymous\}::(\w+)\(", line)
                 if m:

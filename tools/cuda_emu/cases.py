@@ -475,8 +475,162 @@ def passes_cases() -> list[Case]:
     return c
 
 
+# ------------------------------------------------------------------------------ affine sampling
+# Geometry (csrc/cuda/stn.cu, host side): blocks of L x R = 256 threads, a pixel per row, L lanes
+# along the channels (planar L = 1; channels-last L = the power of two >= C, 32 at most). forward
+# and dx: a row per output / input pixel; dtheta: blocks of `iters` x R output pixels, at most 128
+# per sample (B blocks), their partials summed by stn_grad_theta_finish when B > 1.
+
+def _theta(g, N, dtype, kinds=None):
+    """(N, 2, 3) in the accumulation dtype of `dtype`: rotation, anisotropic scale (zooms in and
+    out, so that some pixels read outside the image), shear and translation; `kinds` (one per
+    sample) picks special ones: 'zero' (zero linear part: every pixel reads one point), 'rank1'
+    (a rank-1 linear part: pixels read a line), 'far' (translated beyond the image: nothing
+    read), 'edge' (partly outside)."""
+    a = acc(dtype)
+    if N == 0:
+        return torch.empty(0, 2, 3, dtype=a)
+    rows = []
+    for n in range(N):
+        r = torch.rand(6, generator=g, dtype=F64)
+        ang, sx, sy, sh = (r[0] - 0.5) * 2.0, 0.6 + 0.8 * r[1], 0.6 + 0.8 * r[2], (r[3] - 0.5) * 0.4
+        t = torch.tensor([[sx * math.cos(ang), -sy * math.sin(ang) + sh, (r[4] - 0.5) * 0.6],
+                          [sx * math.sin(ang), sy * math.cos(ang), (r[5] - 0.5) * 0.6]], dtype=F64)
+        kind = kinds[n] if kinds else None
+        if kind == "zero":
+            t[:, :2] = 0
+        elif kind == "rank1":
+            t[1, :2] = 0.5 * t[0, :2]
+        elif kind == "far":
+            t[0, 2], t[1, 2] = 7.5, -9.0
+        elif kind == "edge":
+            t[0, 2] = 1.4
+        rows.append(t)
+    return torch.stack(rows).to(a).contiguous()
+
+
+def stn_cases() -> list[Case]:
+    c: list[Case] = []
+
+    def x_of(cid, shape, dtype, layout="planar", offset=0):
+        return dense(_gen("stn/" + cid), shape, dtype, layout, offset)
+
+    def fwd(cid, x, theta, Ho, Wo, align, note=""):
+        cl = x.dim() == 4 and not x.is_contiguous()
+        c.append(Case(f"stn/fwd/{cid}", "affine_sample", [x, theta, Ho, Wo, align],
+                      [K("stn_forward", T=x.dtype, CL=cl)], (False,), x.dtype, note))
+
+    def bwd(cid, dy, x, theta, align, need_dx, need_dtheta, finish=False, note=""):
+        cl = not x.is_contiguous()
+        expect = []
+        if x.shape[0] * x.shape[1] > 0:
+            if need_dx:
+                expect.append(K("stn_grad_x", T=x.dtype, CL=cl))
+            if need_dtheta:
+                expect.append(K("stn_grad_theta_partial", T=x.dtype, CL=cl))
+                if finish:
+                    expect.append(K("stn_grad_theta_finish", A=acc(x.dtype)))
+        c.append(Case(f"stn/bwd/{cid}", "affine_sample_backward",
+                      [dy, x, theta, align, need_dx, need_dtheta], expect, (False, False),
+                      x.dtype, note))
+
+    # -- forward
+    g = _gen("stn/f1")
+    fwd("planar_tail", x_of("f1", (2, 3, 7, 9), F32), _theta(g, 2, F32), 13, 17, False,
+        "442 output pixels: 2 blocks, the second partial; output larger than the input")
+    g = _gen("stn/f2")
+    fwd("planar_row_align_f64", x_of("f2", (2, 2, 9, 7), F64), _theta(g, 2, F64), 1, 5, True,
+        "Ho = 1 (base grid 0 in y), align_corners")
+    g = _gen("stn/f3")
+    fwd("cl_l8_f16", x_of("f3", (2, 5, 6, 8), F16, "cl"), _theta(g, 2, F16), 9, 7, True,
+        "C = 5: 8 lanes x 32 rows, 126 pixels on 4 blocks")
+    g = _gen("stn/f4")
+    fwd("cl_l32_bf16", x_of("f4", (1, 40, 5, 6), BF16, "cl"), _theta(g, 1, BF16, ["edge"]), 6, 5,
+        False, "C = 40: 32 lanes, a second channel pass 8 lanes wide; partly outside")
+    g = _gen("stn/f5")
+    fwd("planar_special_f64", x_of("f5", (4, 2, 5, 6), F64),
+        _theta(g, 4, F64, ["zero", "rank1", "far", None]), 4, 7, False,
+        "singular (zero, rank-1) and far-translated theta")
+    g = _gen("stn/f6")
+    fwd("cl_special", x_of("f6", (4, 3, 5, 6), F32, "cl", offset=1),
+        _theta(g, 4, F32, ["zero", "rank1", "far", "edge"]), 6, 3, True,
+        "C = 3 (4 lanes), x at storage offset 1; singular and far theta")
+    g = _gen("stn/f7")
+    fwd("planar_wo1_bf16", x_of("f7", (1, 2, 4, 4), BF16), _theta(g, 1, BF16), 6, 1, True,
+        "Wo = 1")
+
+    # -- backward
+    def dy_of(cid, x, Ho, Wo, layout=None):
+        lay = layout or ("planar" if x.is_contiguous() else "cl")
+        return dense(_gen("stn/dy/" + cid), (x.shape[0], x.shape[1], Ho, Wo), x.dtype, lay)
+
+    g = _gen("stn/b1")
+    x = x_of("b1", (2, 3, 7, 9), F32)
+    bwd("planar_both", dy_of("b1", x, 13, 17), x, _theta(g, 2, F32), False, True, True,
+        note="126 input pixels (1 block); 221 output pixels: one dtheta block per sample")
+    g = _gen("stn/b2")
+    x = x_of("b2", (2, 2, 20, 14), F64)
+    bwd("planar_finish_f64", dy_of("b2", x, 24, 25), x, _theta(g, 2, F64), True, True, True,
+        finish=True, note="560 input pixels: 3 blocks; 600 output pixels: 3 dtheta blocks")
+    g = _gen("stn/b3")
+    x = x_of("b3", (1, 33, 11, 11), F32, "cl")
+    bwd("cl_iters", dy_of("b3", x, 33, 33), x, _theta(g, 1, F32), False, True, True, finish=True,
+        note="C = 33: 32 lanes x 8 rows; 1089 output pixels: 69 dtheta blocks of 2 x 8 pixels")
+    g = _gen("stn/b4")
+    x = x_of("b4", (2, 5, 6, 8), F16, "cl")
+    bwd("cl_dx_only_f16", dy_of("b4", x, 9, 7), x, _theta(g, 2, F16), True, True, False,
+        note="8 lanes; dtheta not asked for")
+    g = _gen("stn/b5")
+    x = x_of("b5", (2, 4, 8, 8), BF16)
+    bwd("planar_dtheta_only_bf16", dy_of("b5", x, 8, 8), x, _theta(g, 2, BF16, [None, "edge"]),
+        False, False, True, note="dx not asked for")
+    g = _gen("stn/b6")
+    x = x_of("b6", (2, 6, 9, 10), F64, "cl")
+    bwd("cl_dtheta_only_finish_f64", dy_of("b6", x, 12, 11), x, _theta(g, 2, F64), True, False,
+        True, finish=True, note="8 lanes x 32 rows; 132 output pixels: 5 dtheta blocks")
+    g = _gen("stn/b7")
+    x = x_of("b7", (4, 2, 5, 6), F64)
+    bwd("planar_special_f64", dy_of("b7", x, 4, 7), x,
+        _theta(g, 4, F64, ["zero", "rank1", "far", None]), False, True, True,
+        note="singular theta: the gather scans every output row")
+    g = _gen("stn/b8")
+    x = x_of("b8", (4, 3, 5, 6), F32, "cl")
+    bwd("cl_special", dy_of("b8", x, 6, 3), x, _theta(g, 4, F32, ["zero", "rank1", "far", "edge"]),
+        True, True, True, note="C = 3 (4 lanes x 64 rows); singular and far theta")
+    g = _gen("stn/b9")
+    x = x_of("b9", (2, 3, 7, 9), BF16, "cl")
+    bwd("cl_dy_planar_bf16", dy_of("b9", x, 5, 11, "planar"), x, _theta(g, 2, BF16), True, True,
+        True, note="dy contiguous for a channels-last x: copied into y's strides")
+    g = _gen("stn/b10")
+    x = x_of("b10", (2, 3, 6, 5), F32, offset=1)
+    dy = dense(_gen("stn/dy/b10"), (2, 3, 9, 4), F32).transpose(2, 3)
+    bwd("planar_dy_transposed", dy, x, _theta(g, 2, F32), False, True, True,
+        note="dy a transposed view (copied), x at storage offset 1")
+    g = _gen("stn/b11")
+    x = x_of("b11", (2, 4, 6, 7), F32)
+    dy = dense(_gen("stn/dy/b11"), (1, 4, 1, 1), F32).expand(2, 4, 5, 8)
+    bwd("planar_dy_stride0", dy, x, _theta(g, 2, F32), True, True, True,
+        note="dy with stride 0 (as from sum().backward())")
+    g = _gen("stn/b12")
+    x = x_of("b12", (1, 2, 3, 3), F32)
+    bwd("neither", dy_of("b12", x, 3, 3), x, _theta(g, 1, F32), False, False, False,
+        note="no gradient asked for: no launch")
+
+    # -- empty: no launch; dtheta zeros
+    g = _gen("stn/e")
+    fwd_e = Case("stn/fwd/empty_n0", "affine_sample", [torch.empty(0, 3, 4, 4), _theta(g, 0, F32),
+                                                       5, 6, False], [], (False,), F32)
+    c.append(fwd_e)
+    x = torch.empty(2, 0, 4, 4)
+    bwd("empty_c0", torch.empty(2, 0, 3, 5), x, _theta(g, 2, F32), False, True, True,
+        note="C = 0: dx empty, dtheta zeros")
+    x = torch.empty(0, 3, 4, 4)
+    bwd("empty_n0", torch.empty(0, 3, 3, 5), x, _theta(g, 0, F32), True, True, True)
+    return c
+
+
 def all_cases() -> list[Case]:
-    return simam_cases() + passes_cases()
+    return simam_cases() + passes_cases() + stn_cases()
 
 
 # ------------------------------------------------------------------------------- judging
@@ -563,6 +717,9 @@ def check(case: Case, out, cpu_out=None) -> None:
     ref64 = None
     for i, (o, r) in enumerate(zip(outs, ref)):
         what = f"{case.id} output {i}"
+        if o is None or r is None:  # an optional output (Tensor?) that was not asked for
+            assert o is None and r is None, f"{what}: {o is None=}, CPU op: {r is None=}"
+            continue
         assert o.shape == r.shape and o.dtype == r.dtype, \
             f"{what}: {o.dtype} {tuple(o.shape)}, CPU op gives {r.dtype} {tuple(r.shape)}"
         if o.numel() > 1:
