@@ -177,6 +177,41 @@ def _slab(a, r, c, delta, lo, hi, ACC: tl.constexpr):
     return ok, lo, hi
 
 
+@triton.jit
+def _sample(ix, iy, pm, C, H, W, CL: tl.constexpr):
+    """The bilinear sample at (ix, iy) for pixels with mask pm (stn_math.h sample_at): the four
+    corners' masks (inside the image), the fractions (0 where no corner is inside: far outside,
+    inf, NaN -- nothing then reaches dtheta), the nw corner's offset within one channel of x and
+    the steps from it to the ne and sw corners (x0 or y0 may be -1)."""
+    x0, tx = _corner(ix, W)
+    y0, ty = _corner(iy, H)
+    x0in = x0 >= 0
+    x1in = (x0 != -2) & (x0 + 1 <= W - 1)
+    y0in = y0 >= 0
+    y1in = (y0 != -2) & (y0 + 1 <= H - 1)
+    m_nw = pm & x0in & y0in
+    m_ne = pm & x1in & y0in
+    m_sw = pm & x0in & y1in
+    m_se = pm & x1in & y1in
+    anyc = m_nw | m_ne | m_sw | m_se
+    tx = tl.where(anyc, tx, 0.0)
+    ty = tl.where(anyc, ty, 0.0)
+    o_nw = y0 * W + x0
+    if CL:
+        return m_nw, m_ne, m_sw, m_se, tx, ty, o_nw * C, C, W * C
+    else:
+        return m_nw, m_ne, m_sw, m_se, tx, ty, o_nw, 1, W
+
+
+@triton.jit
+def _channel_steps(m, C, HW, HWo, CL: tl.constexpr):
+    """(channel step in x, channel step in y / dy, pixel offsets in y / dy) of output pixels m."""
+    if CL:
+        return 1, 1, m * C
+    else:
+        return HW, HWo, m
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -195,34 +230,12 @@ def _fwd_kernel(x_ptr, th_ptr, y_ptr, C, H, W, Ho, Wo, align, TILES,
     Ax, Bx, Cx, Ay, By, Cy, u0, v0, bsx, bsy, sx, sy = _load_map(
         th_ptr, n, H, W, Ho, Wo, align, ACC)
     ix, iy = _coords(i, j, Ax, Bx, Cx, Ay, By, Cy, u0, v0, ACC)
-    x0, tx = _corner(ix, W)
-    y0, ty = _corner(iy, H)
-    x0in = x0 >= 0
-    x1in = (x0 != -2) & (x0 + 1 <= W - 1)
-    y0in = y0 >= 0
-    y1in = (y0 != -2) & (y0 + 1 <= H - 1)
-    m_nw = pm & x0in & y0in
-    m_ne = pm & x1in & y0in
-    m_sw = pm & x0in & y1in
-    m_se = pm & x1in & y1in
+    m_nw, m_ne, m_sw, m_se, tx, ty, o_nw, dxs, dys = _sample(ix, iy, pm, C, H, W, CL)
+    cs_x, cs_y, ys = _channel_steps(m, C, HW, HWo, CL)
     w_nw = tl.where(m_nw, (1.0 - tx) * (1.0 - ty), 0.0)
     w_ne = tl.where(m_ne, tx * (1.0 - ty), 0.0)
     w_sw = tl.where(m_sw, (1.0 - tx) * ty, 0.0)
     w_se = tl.where(m_se, tx * ty, 0.0)
-    o_nw = y0 * W + x0  # the other corners' offsets follow from it (x0 or y0 may be -1)
-    if CL:
-        o_nw = o_nw * C
-        dxs = C
-        dys = W * C
-        ys = m * C
-        cs_x = 1
-        cs_y = 1
-    else:
-        dxs = 1
-        dys = W
-        ys = m
-        cs_x = HW
-        cs_y = HWo
     xb_ptr = x_ptr + n * C * HW
     yb_ptr = y_ptr + n * C * HWo
     for c0 in range(0, C, BLOCK_C):
@@ -255,34 +268,8 @@ def _dtheta_kernel(dy_ptr, x_ptr, th_ptr, ws_ptr, C, H, W, Ho, Wo, align, TILES,
     Ax, Bx, Cx, Ay, By, Cy, u0, v0, bsx, bsy, sx, sy = _load_map(
         th_ptr, n, H, W, Ho, Wo, align, ACC)
     ix, iy = _coords(i, j, Ax, Bx, Cx, Ay, By, Cy, u0, v0, ACC)
-    x0, tx = _corner(ix, W)
-    y0, ty = _corner(iy, H)
-    x0in = x0 >= 0
-    x1in = (x0 != -2) & (x0 + 1 <= W - 1)
-    y0in = y0 >= 0
-    y1in = (y0 != -2) & (y0 + 1 <= H - 1)
-    m_nw = pm & x0in & y0in
-    m_ne = pm & x1in & y0in
-    m_sw = pm & x0in & y1in
-    m_se = pm & x1in & y1in
-    # no corner inside (far outside, inf, NaN): fractions 0, nothing reaches dtheta (stn_math.h)
-    anyc = m_nw | m_ne | m_sw | m_se
-    tx = tl.where(anyc, tx, 0.0)
-    ty = tl.where(anyc, ty, 0.0)
-    o_nw = y0 * W + x0  # the other corners' offsets follow from it (x0 or y0 may be -1)
-    if CL:
-        o_nw = o_nw * C
-        dxs = C
-        dys = W * C
-        ys = m * C
-        cs_x = 1
-        cs_y = 1
-    else:
-        dxs = 1
-        dys = W
-        ys = m
-        cs_x = HW
-        cs_y = HWo
+    m_nw, m_ne, m_sw, m_se, tx, ty, o_nw, dxs, dys = _sample(ix, iy, pm, C, H, W, CL)
+    cs_x, cs_y, ys = _channel_steps(m, C, HW, HWo, CL)
     xb_ptr = x_ptr + n * C * HW
     gb_ptr = dy_ptr + n * C * HWo
     gx = tl.zeros([BLOCK_P], ACC)

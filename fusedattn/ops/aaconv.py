@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch, reference
+from . import library
 from .norm import first_order
 
 _FWD = "fusedattn::rel_attention"
@@ -103,9 +104,7 @@ def _backward_triton(dout, q, k, v, rel_h, rel_w, out, lse, H, W, scale):
 _BACKWARD_OF = {_FWD: _BWD, _FWD_TRITON: _BWD_TRITON}
 
 
-def _op(name: str):
-    ns, op = name.split("::")
-    return getattr(getattr(torch.ops, ns), op).default
+_op = library.op
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,25 +128,12 @@ def _make_backward(bwd_name: str):
 
 
 def _register(fwd: str) -> None:
-    torch.library.register_fake(fwd)(_fake_forward)
-    torch.library.register_fake(_BACKWARD_OF[fwd])(_fake_backward)
-    torch.library.register_autograd(fwd, _make_backward(_BACKWARD_OF[fwd]),
-                                     setup_context=_setup_context)
-
-
-def _native_schema() -> bool:
-    """The C++ schemas exist: ``_C`` loaded, and built with this op (an older build has none)."""
-    if dispatch._native()[0] is None:
-        return False
-    try:
-        torch.ops.fusedattn.rel_attention.default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+    library.register(fwd, _BACKWARD_OF[fwd], _fake_forward, _fake_backward,
+                     _make_backward(_BACKWARD_OF[fwd]), _setup_context)
 
 
 _register(_FWD_TRITON)
-if _native_schema():
+if library.native_schema(_FWD):
     _register(_FWD)
 
 _FORWARD_OF_BACKEND = {"cpu": _FWD, "cuda": _FWD, "triton": _FWD_TRITON}

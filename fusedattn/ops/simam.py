@@ -22,7 +22,7 @@ import math
 import torch
 
 from .. import dispatch, reference
-from . import layout
+from . import layout, library
 from .norm import first_order
 
 _FWD = "fusedattn::simam_forward"
@@ -66,9 +66,7 @@ def _backward_triton(grad: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
 _BACKWARD_OF = {_FWD: _BWD, _FWD_TRITON: _BWD_TRITON}
 
 
-def _op(name: str):
-    ns, op = name.split("::")
-    return getattr(getattr(torch.ops, ns), op).default
+_op = library.op
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,14 +84,12 @@ def _make_backward(bwd_name: str):
 
 
 def _register(fwd: str) -> None:
-    torch.library.register_fake(fwd)(_fake_forward)
-    torch.library.register_fake(_BACKWARD_OF[fwd])(_fake_backward)
-    torch.library.register_autograd(fwd, _make_backward(_BACKWARD_OF[fwd]),
-                                     setup_context=_setup_context)
+    library.register(fwd, _BACKWARD_OF[fwd], _fake_forward, _fake_backward,
+                     _make_backward(_BACKWARD_OF[fwd]), _setup_context)
 
 
 _register(_FWD_TRITON)
-if dispatch._native()[0] is not None:  # the C++ schemas exist only when _C loaded
+if library.native_schema(_FWD):
     _register(_FWD)
 
 _FORWARD_OF_BACKEND = {"cpu": _FWD, "cuda": _FWD, "triton": _FWD_TRITON}
