@@ -446,3 +446,19 @@ def test_module_theta_and_sampler_share_the_reference_state_dict():
     assert ref.state_dict().keys() == fused.state_dict().keys()
     assert isinstance(fused, reference.SpatialTransformer)
     assert "out_size=None" in repr(fused)
+
+
+def test_convert_swaps_both_ways():
+    torch.manual_seed(0)
+    net = nn.Sequential(reference.SpatialTransformer(in_channels=2, out_size=5), nn.ReLU())
+    with torch.no_grad():
+        net[0].localization[-1].bias.add_(0.05)
+    x = torch.randn(2, 2, 7, 6, dtype=F64)
+    net = net.double()
+    want = net(x)
+    net, report = fusedattn.convert(net, return_report=True)
+    assert type(net[0]) is fusedattn.SpatialTransformer and len(report.swapped) == 1
+    close64(net(x), want, "y")
+    assert fusedattn.last_backend("stn") == "cpu"
+    fusedattn.convert(net, to="eager")
+    assert type(net[0]) is reference.SpatialTransformer
