@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import aot_signature
 from .simam import _scalar, on_device
 
 MAX_L = 4096          # H W at most 64 x 64 (the spec's limit)
@@ -618,9 +619,7 @@ _FULL_PTRS = {"q_ptr", "k_ptr", "v_ptr", "rw_ptr", "rh_ptr", "rel_ptr", "out_ptr
               "dq_ptr", "dk_ptr", "dv_ptr", "t_ptr"}
 
 
-def _params(fn):
-    import inspect
-    return list(inspect.signature(fn.fn).parameters)  # JITFunction or InterpretedFunction
+_params = aot_signature.params
 
 
 def _eb(dtype: torch.dtype) -> int:
@@ -649,18 +648,7 @@ _MAIN = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel
 
 
 def _signature(kernel, t: str, st: str, consts: dict) -> dict:
-    sig = {}
-    for k in _params(kernel):
-        if k in consts:
-            sig[k] = "constexpr"
-        elif k in _FULL_PTRS:
-            sig[k] = f"*{t}"
-        elif k.endswith("_ptr"):
-            sig[k] = f"*{st}"
-        else:
-            sig[k] = "i32"
-    assert set(consts) <= set(sig), (kernel, consts)
-    return sig
+    return aot_signature.signature(kernel, t, st, consts, _FULL_PTRS)
 
 
 def aot_variants():

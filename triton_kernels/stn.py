@@ -44,7 +44,6 @@ results are bitwise repeatable. Divisions are IEEE-rounded (``tl.div_rn`` in fp3
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ..ops import layout
+from . import aot_signature
 from .simam import on_device
 
 # ----------------------------------------------------------------------------- device helpers
@@ -484,24 +484,11 @@ _MAIN = {"fwd": "_fwd_kernel", "dtheta": "_dtheta_kernel", "dx": "_dx_kernel"}
 _FULL_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 
 
-def _params(fn):
-    return list(inspect.signature(fn.fn).parameters)  # JITFunction or InterpretedFunction
+_params = aot_signature.params
 
 
 def _signature(kernel, t: str, st: str, consts: dict) -> dict:
-    sig = {}
-    for k in _params(kernel):
-        if k in consts:
-            sig[k] = "constexpr"
-        elif k in _FULL_PTRS:
-            sig[k] = f"*{t}"
-        elif k.endswith("_ptr"):
-            sig[k] = f"*{st}"
-        else:
-            assert k in _INTS, k
-            sig[k] = "i32"
-    assert set(consts) <= set(sig), (kernel, consts)
-    return sig
+    return aot_signature.signature(kernel, t, st, consts, _FULL_PTRS, _INTS)
 
 
 def aot_variants():
